@@ -1,0 +1,1 @@
+//! Criterion benches for Capsules live in `benches/`.

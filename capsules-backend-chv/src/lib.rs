@@ -1,0 +1,1 @@
+//! capsules-backend-chv (being written).

@@ -1,0 +1,1 @@
+//! capsules-backend-mock (being written).

@@ -1,0 +1,1 @@
+//! capsules-backend-qemu (being written).

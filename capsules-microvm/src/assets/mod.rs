@@ -1,0 +1,1 @@
+//! Guest assets built from Debian packages: kernel, initramfs, base root filesystems.
