@@ -59,7 +59,11 @@ pub struct Frame {
 impl Frame {
     /// A frame from its parts.
     pub fn new(kind: FrameKind, channel: u32, payload: impl Into<Bytes>) -> Self {
-        Self { kind, channel, payload: payload.into() }
+        Self {
+            kind,
+            channel,
+            payload: payload.into(),
+        }
     }
 }
 
@@ -111,7 +115,11 @@ fn check_header(len: u32, kind: u8) -> Result<FrameKind, FrameError> {
         FrameKind::Eof | FrameKind::Cancel => payload == 0,
         FrameKind::Control | FrameKind::Data | FrameKind::Stderr => true,
     };
-    if ok { Ok(kind) } else { Err(FrameError::BadPayload(kind, payload)) }
+    if ok {
+        Ok(kind)
+    } else {
+        Err(FrameError::BadPayload(kind, payload))
+    }
 }
 
 /// Decode one frame from the front of `buf`. `Ok(None)` means more bytes are needed; on success
@@ -167,7 +175,10 @@ pub enum ReadError {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wrap a reader.
     pub fn new(inner: R) -> Self {
-        Self { inner, buf: BytesMut::with_capacity(64 * 1024) }
+        Self {
+            inner,
+            buf: BytesMut::with_capacity(64 * 1024),
+        }
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream (between frames).
@@ -210,16 +221,19 @@ mod tests {
     }
 
     fn frame_strategy() -> impl Strategy<Value = Frame> {
-        (kind_strategy(), any::<u32>(), proptest::collection::vec(any::<u8>(), 0..2000)).prop_map(
-            |(kind, channel, mut payload)| {
+        (
+            kind_strategy(),
+            any::<u32>(),
+            proptest::collection::vec(any::<u8>(), 0..2000),
+        )
+            .prop_map(|(kind, channel, mut payload)| {
                 match kind {
                     FrameKind::Credit => payload.resize(4, 0),
                     FrameKind::Eof | FrameKind::Cancel => payload.clear(),
                     _ => {}
                 }
                 Frame::new(kind, channel, payload)
-            },
-        )
+            })
     }
 
     proptest! {

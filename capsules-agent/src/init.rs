@@ -73,13 +73,13 @@ pub fn run() -> ! {
         eprintln!("capsules-init: refusing to run: not PID 1 (this mode is the initramfs /init)");
         std::process::exit(2);
     }
-    match stage() {
-        Ok(never) => match never {},
-        Err(f) => {
-            eprintln!("capsules-init: {}: {}", f.what, f.err);
-            power_off()
-        }
+    // A panic (already printed by the default hook) must not kill PID 1: that panics the kernel.
+    match std::panic::catch_unwind(stage) {
+        Ok(Ok(never)) => match never {},
+        Ok(Err(f)) => eprintln!("capsules-init: {}: {}", f.what, f.err),
+        Err(_) => eprintln!("capsules-init: internal error: the init panicked"),
     }
+    power_off()
 }
 
 fn power_off() -> ! {
@@ -106,7 +106,7 @@ fn stage() -> Step<Never> {
         .unwrap_or("/dev/vdb")
         .to_owned();
 
-    load_modules()?;
+    load_modules(&cmdline)?;
     wait_for_device(&base)?;
     wait_for_device(&data)?;
 
@@ -212,13 +212,31 @@ fn module_order(order: &str) -> Vec<&str> {
         .collect()
 }
 
-fn load_modules() -> Step {
+/// Parameters for module `module` from `module.param=value` words on the kernel command line (what
+/// modprobe would pass; the kernel itself does not for modules loaded later), e.g.
+/// `virtio_mmio.device=4K@0xd0000000:5`. `-` and `_` are the same in module names.
+fn module_params(cmdline: &str, module: &str) -> String {
+    let norm = |s: &str| s.replace('-', "_");
+    let module = norm(module);
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| {
+            let (m, param) = w.split_once('.')?;
+            (norm(m) == module && !param.is_empty()).then_some(param)
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn load_modules(cmdline: &str) -> Step {
     let order_path = format!("{MODULE_DIR}/order");
     let order = fs::read_to_string(&order_path).what(|| format!("read {order_path}"))?;
     for name in module_order(&order) {
         let path = format!("{MODULE_DIR}/{name}");
         let file = fs::File::open(&path).what(|| format!("open module {path}"))?;
-        let params: &CStr = c"";
+        let module = name.split('.').next().unwrap_or(name);
+        let params = CString::new(module_params(cmdline, module)).unwrap_or_default();
+        let params: &CStr = &params;
         // SAFETY: finit_module(2) with a valid open fd, a NUL-terminated parameter string and no
         // flags; it reads the module from the fd and does not retain our pointers.
         let rc = unsafe {
@@ -340,6 +358,18 @@ mod tests {
         assert_eq!(cmdline_value(c, "capsules.data"), Some("/dev/vdb"));
         assert_eq!(cmdline_value(c, "capsules.hostname"), None);
         assert_eq!(cmdline_value(c, "console"), Some("ttyS0"));
+    }
+
+    #[test]
+    fn module_params_from_cmdline() {
+        let c = "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio-mmio.device=4K@0xd0001000:6 \
+                 overlay.metacopy=N capsules.base=/dev/vda";
+        assert_eq!(
+            module_params(c, "virtio_mmio"),
+            "device=4K@0xd0000000:5 device=4K@0xd0001000:6"
+        );
+        assert_eq!(module_params(c, "overlay"), "metacopy=N");
+        assert_eq!(module_params(c, "virtio_blk"), "");
     }
 
     #[test]

@@ -209,7 +209,7 @@ pub enum Request {
     /// Pack a directory into a tar stream.
     DownloadTar { path: String },
     /// Set the wall clock.
-    SetClock { unix_nanos: i128 },
+    SetClock { unix_nanos: i64 },
     /// Uptime, boot id, processes.
     Info,
     /// Kill processes, sync, power off.
@@ -237,7 +237,7 @@ pub enum ErrorKind {
 }
 
 /// Agent → host messages. Every channel ends with exactly one terminal reply (everything except
-/// `Started`, `Opened`).
+/// `Started`, `Opened`, `Connected`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
@@ -253,6 +253,8 @@ pub enum Reply {
     Started { pid: i32 },
     /// Non-terminal: a file is open for reading.
     Opened { size: u64 },
+    /// Non-terminal: the TCP connection is established.
+    Connected,
     /// A process ended.
     Exit(ExitInfo),
     /// A background process started.
@@ -274,12 +276,15 @@ pub enum Reply {
 impl Reply {
     /// Whether this reply ends its channel.
     pub fn is_terminal(&self) -> bool {
-        !matches!(self, Reply::Started { .. } | Reply::Opened { .. })
+        !matches!(self, Reply::Started { .. } | Reply::Opened { .. } | Reply::Connected)
     }
 
     /// An error reply.
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Reply::Error { kind, message: message.into() }
+        Reply::Error {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -289,7 +294,10 @@ mod tests {
 
     #[test]
     fn request_json_shape() {
-        let r = Request::Exec(ExecRequest { argv: vec!["true".into()], ..Default::default() });
+        let r = Request::Exec(ExecRequest {
+            argv: vec!["true".into()],
+            ..Default::default()
+        });
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.starts_with(r#"{"op":"exec","argv":["true"]"#), "{s}");
         let back: Request = serde_json::from_str(&s).unwrap();

@@ -22,3 +22,39 @@ impl Clock for SystemClock {
             .as_millis() as i64
     }
 }
+
+/// A clock that moves only when told to: for tests of metering, idle sleep and limits.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    now: std::sync::atomic::AtomicI64,
+}
+
+impl ManualClock {
+    /// A clock standing at `start_ms` (ms since the epoch).
+    pub fn new(start_ms: i64) -> Self {
+        ManualClock {
+            now: std::sync::atomic::AtomicI64::new(start_ms),
+        }
+    }
+    /// Sets the time.
+    pub fn set_ms(&self, ms: i64) {
+        self.now.store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Moves the time forward.
+    pub fn advance(&self, d: Duration) {
+        self.now
+            .fetch_add(d.as_millis() as i64, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl<C: Clock + ?Sized> Clock for std::sync::Arc<C> {
+    fn now_ms(&self) -> i64 {
+        (**self).now_ms()
+    }
+}

@@ -3,4 +3,6 @@
 //! capsules `Backend` over a small [`vmm::Vmm`] trait.
 
 pub mod assets;
+pub mod backend;
+pub mod net;
 pub mod vmm;

@@ -159,6 +159,11 @@ id_type!(
     TeamId,
     "team"
 );
+id_type!(
+    /// A token's immutable id (`tok_...`); the public part of a token's secret.
+    TokenId,
+    "tok"
+);
 
 /// How a caller names a capsule: by name (the live capsule of that name) or by id. Ids contain
 /// `_`, which names cannot, so one string parses unambiguously.

@@ -1,0 +1,276 @@
+//! The `capsule` binary against an in-test server (mock backend) on a loopback port.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use capsules_backend_mock::{ExecMatcher, ExecReply, MockBackend};
+use capsules_core::{Capsules, MemoryStore};
+use tokio::io::AsyncWriteExt;
+
+struct Server {
+    url: String,
+    owner: String,
+    operator: String,
+}
+
+async fn server(mock: MockBackend) -> Server {
+    let capsules = Capsules::builder()
+        .backend(mock)
+        .store(MemoryStore::new())
+        .build()
+        .await
+        .unwrap();
+    let boot = capsules.bootstrap("default").await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, capsules_server::app(capsules)).await.unwrap() });
+    Server {
+        url: format!("http://{addr}"),
+        owner: boot.owner.secret.expose().to_owned(),
+        operator: boot.operator.secret.expose().to_owned(),
+    }
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `capsule ARGS` with `token`, feeding `stdin` (none: /dev/null).
+async fn capsule(s: &Server, token: &str, args: &[&str], stdin: Option<&str>) -> Out {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_capsule"));
+    cmd.args(args)
+        .current_dir(repo_root())
+        .env("CAPSULE_API", &s.url)
+        .env("CAPSULE_TOKEN", token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        let mut w = child.stdin.take().unwrap();
+        w.write_all(input.as_bytes()).await.unwrap();
+        drop(w);
+    }
+    let out = child.wait_with_output().await.unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn ok(o: &Out, what: &str) {
+    assert_eq!(o.code, 0, "{what} failed:\nstdout: {}\nstderr: {}", o.stdout, o.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_quickstart_verbatim() {
+    let mock = MockBackend::new();
+    mock.on_exec(
+        ExecMatcher::exact(["npm", "test"]),
+        ExecReply::new().stdout("> quickstart test\n1 passing\n").exit_code(0),
+    );
+    let s = server(mock).await;
+
+    let o = capsule(
+        &s,
+        &s.owner,
+        &["tokens", "create", "--scope", "agent:write", "--prefix", "agent-"],
+        None,
+    )
+    .await;
+    ok(&o, "tokens create");
+    let agent = o
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("export CAPSULE_TOKEN="))
+        .expect("an export line")
+        .to_owned();
+    assert!(agent.starts_with("cap_"));
+
+    let o = capsule(
+        &s,
+        &agent,
+        &["create", "agent-pr-482", "--size", "2x2gb", "--credit-limit", "2.00"],
+        None,
+    )
+    .await;
+    ok(&o, "create");
+    assert!(o.stdout.contains("agent-pr-482"), "{}", o.stdout);
+
+    let o = capsule(
+        &s,
+        &agent,
+        &["cp", "./examples/quickstart/project", "agent-pr-482:/workspace"],
+        None,
+    )
+    .await;
+    ok(&o, "cp");
+
+    let o = capsule(&s, &agent, &["exec", "agent-pr-482", "--", "npm", "test"], None).await;
+    ok(&o, "exec");
+    assert_eq!(o.stdout, "> quickstart test\n1 passing\n");
+
+    // The uploaded project is there.
+    let o = capsule(
+        &s,
+        &agent,
+        &["exec", "agent-pr-482", "--", "cat", "/workspace/package.json"],
+        None,
+    )
+    .await;
+    ok(&o, "cat package.json");
+    assert!(o.stdout.contains("\"test\""), "{}", o.stdout);
+
+    let o = capsule(&s, &agent, &["create", "other-1"], None).await;
+    assert_ne!(o.code, 0);
+    let first = o.stderr.lines().next().unwrap_or_default();
+    assert!(first.starts_with("error: ") && first.contains("agent-"), "{}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+
+    let o = capsule(&s, &agent, &["terminate", "agent-pr-482"], None).await;
+    ok(&o, "terminate");
+
+    let o = capsule(&s, &agent, &["usage", "agent-pr-482"], None).await;
+    ok(&o, "usage");
+    for want in [
+        "compute:",
+        "minutes",
+        "created",
+        "exec",
+        "npm test",
+        "terminated",
+        "credit limit 2.00",
+    ] {
+        assert!(o.stdout.contains(want), "usage lacks {want:?}:\n{}", o.stdout);
+    }
+
+    let o = capsule(&s, &agent, &["--json", "usage", "agent-pr-482"], None).await;
+    ok(&o, "usage --json");
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert!(v["usage"]["compute_minutes"].as_u64().unwrap() >= 1);
+    assert_eq!(v["capsule"]["state"], "terminated");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_forwards_stdin_and_exit_codes() {
+    let mock = MockBackend::new();
+    mock.on_exec(ExecMatcher::exact(["exit-three"]), ExecReply::new().exit_code(3));
+    mock.on_exec(ExecMatcher::exact(["killed"]), ExecReply::new().killed_by(9));
+    mock.on_exec(
+        ExecMatcher::exact(["slow"]),
+        ExecReply::new().delay(std::time::Duration::from_secs(30)).exit_code(0),
+    );
+    let s = server(mock).await;
+    ok(&capsule(&s, &s.owner, &["create", "x"], None).await, "create");
+
+    let o = capsule(&s, &s.owner, &["exec", "x", "--", "cat"], Some("echo from a script\n")).await;
+    ok(&o, "cat < script");
+    assert_eq!(o.stdout, "echo from a script\n");
+
+    let o = capsule(
+        &s,
+        &s.owner,
+        &["exec", "x", "--", "sh", "-c", "cat; exit 3"],
+        Some("piped\n"),
+    )
+    .await;
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    assert_eq!(o.stdout, "piped\n");
+
+    assert_eq!(
+        capsule(&s, &s.owner, &["exec", "x", "--", "exit-three"], None)
+            .await
+            .code,
+        3
+    );
+    assert_eq!(
+        capsule(&s, &s.owner, &["exec", "x", "--", "killed"], None).await.code,
+        128 + 9
+    );
+
+    let o = capsule(&s, &s.owner, &["exec", "x", "--timeout", "1s", "--", "slow"], None).await;
+    assert_eq!(o.code, 124, "{}", o.stderr);
+    assert!(o.stderr.contains("timed out"), "{}", o.stderr);
+
+    // An error before the command ran: 125 and one line.
+    let o = capsule(&s, &s.owner, &["exec", "nope", "--", "ls"], None).await;
+    assert_eq!(o.code, 125);
+    assert!(o.stderr.starts_with("error: "), "{}", o.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_are_one_line_and_operator_commands_work() {
+    let s = server(MockBackend::new()).await;
+    let o = capsule(&s, "", &["list"], None).await;
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.starts_with("error: no token"), "{}", o.stderr);
+
+    let o = capsule(&s, &s.owner, &["create", "Bad_Name"], None).await;
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.starts_with("error: "), "{}", o.stderr);
+
+    let o = capsule(&s, &s.operator, &["teams", "create", "beta"], None).await;
+    ok(&o, "teams create");
+    let o = capsule(
+        &s,
+        &s.operator,
+        &["credits", "grant", "beta", "10.00", "--reason", "pilot"],
+        None,
+    )
+    .await;
+    ok(&o, "credits grant");
+    let o = capsule(&s, &s.owner, &["usage"], None).await;
+    ok(&o, "team usage");
+    assert!(
+        o.stdout.contains("balance:") && o.stdout.contains("5.00"),
+        "{}",
+        o.stdout
+    );
+
+    // Unreachable server: Unavailable with a hint.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = Server {
+        url: format!("http://{}", l.local_addr().unwrap()),
+        owner: s.owner.clone(),
+        operator: String::new(),
+    };
+    drop(l);
+    let o = capsule(&dead, &s.owner, &["list"], None).await;
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("is unreachable"), "{}", o.stderr);
+
+    // cp both ways.
+    ok(&capsule(&s, &s.owner, &["create", "cp-1"], None).await, "create");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("hello.txt");
+    std::fs::write(&f, "hi there").unwrap();
+    let o = capsule(
+        &s,
+        &s.owner,
+        &["cp", f.to_str().unwrap(), "cp-1:/workspace/hello.txt"],
+        None,
+    )
+    .await;
+    ok(&o, "cp file up");
+    let back = dir.path().join("back.txt");
+    let o = capsule(
+        &s,
+        &s.owner,
+        &["cp", "cp-1:/workspace/hello.txt", back.to_str().unwrap()],
+        None,
+    )
+    .await;
+    ok(&o, "cp file down");
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "hi there");
+    let down = dir.path().join("ws");
+    let o = capsule(&s, &s.owner, &["cp", "cp-1:/workspace", down.to_str().unwrap()], None).await;
+    ok(&o, "cp dir down");
+    assert_eq!(std::fs::read_to_string(down.join("hello.txt")).unwrap(), "hi there");
+}
