@@ -5,6 +5,9 @@
 #
 #   CAPSULES_BACKEND=mock|qemu|chv   passed to the server as --backend (default: the server chooses)
 #   CAPSULES_SKIP_SETUP=1            do not run scripts/setup.sh
+#   CAPSULES_QUICKSTART_HOST_NETWORK=1  run on the host's network; by default (as root) the server
+#                                    and its capsule run in a network namespace of their own, so the
+#                                    capsule's tap and nftables rules never touch the host's network
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,9 +27,27 @@ target="${CARGO_TARGET_DIR:-$repo/target}"
 bin="$target/debug"
 [ -x "$bin/capsules-server" ] && [ -x "$bin/capsule" ] || { echo "quickstart: binaries not found in $bin" >&2; exit 1; }
 
+# A private network namespace for the server, its capsule's tap and nftables rules (root only).
+if [ "$(id -u)" -eq 0 ] && [ -z "${CAPSULES_QUICKSTART_IN_NETNS:-}" ] \
+  && [ "${CAPSULES_QUICKSTART_HOST_NETWORK:-0}" != 1 ] && command -v unshare >/dev/null 2>&1; then
+  echo "quickstart: running in a private network namespace (CAPSULES_QUICKSTART_HOST_NETWORK=1 to use the host's)"
+  export CAPSULES_QUICKSTART_IN_NETNS=1 CAPSULES_SKIP_SETUP=1
+  exec unshare --net -- bash "${BASH_SOURCE[0]}" "$@"
+fi
+if [ -n "${CAPSULES_QUICKSTART_IN_NETNS:-}" ]; then
+  ip link set lo up
+fi
+
 work="$(mktemp -d "${TMPDIR:-/tmp}/capsules-quickstart.XXXXXX")"
+# The VMM runs as an unprivileged user that must reach the state directory inside.
+chmod 0711 "$work"
 server_pid=""
 cleanup() {
+  local rc=$?
+  if [ "$rc" -ne 0 ] && [ -f "$work/server.log" ]; then
+    echo "quickstart: failed (exit $rc); the server's log:" >&2
+    tail -n 40 "$work/server.log" >&2
+  fi
   if [ -n "$server_pid" ]; then
     kill "$server_pid" 2>/dev/null || true
     wait "$server_pid" 2>/dev/null || true

@@ -37,3 +37,8 @@ fi
 if [ "$(id -u)" -eq 0 ] && ! id capsules-vmm >/dev/null 2>&1; then
   useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin capsules-vmm
 fi
+
+# The official MCP Python SDK, for examples/mcp's end-to-end test (reported ignored without it).
+if command -v python3 >/dev/null 2>&1; then
+  python3 -c "import mcp" 2>/dev/null || python3 -m pip install --quiet "mcp>=1,<2"
+fi

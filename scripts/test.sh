@@ -40,7 +40,9 @@ vm_target() {
 vm_target capsules-microvm net_policy
 vm_target capsules-microvm smoke_boot
 vm_target capsules-backend-qemu qemu_vmm
+vm_target capsules-backend-qemu contract_qemu
 vm_target capsules-backend-chv real_ch
+vm_target capsules-backend-chv contract_chv
 
 step "quickstart on a real capsule"
 timeout --signal=KILL 1800 scripts/quickstart.sh

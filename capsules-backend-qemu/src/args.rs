@@ -37,6 +37,9 @@ pub(crate) struct Fds {
     pub serial: RawFd,
     /// The snapshot to restore from (`-incoming fd:N`).
     pub incoming: Option<RawFd>,
+    /// The capsule's tap, attached by the host (`TUNSETIFF`), so QEMU needs no access to
+    /// `/dev/net/tun`. `None` (command-line previews) names the tap instead.
+    pub tap: Option<RawFd>,
 }
 
 /// Resolved settings that shape the command line.
@@ -117,7 +120,10 @@ pub(crate) fn build(vm: &VmConfig, s: &Settings<'_>, fds: &Fds) -> Vec<String> {
     if let Some(tap) = &vm.tap {
         push(&[
             "-netdev",
-            &format!("tap,id=n0,ifname={},script=no,downscript=no", esc(&tap.name)),
+            &match fds.tap {
+                Some(fd) => format!("tap,id=n0,fd={fd},vhost=off"),
+                None => format!("tap,id=n0,ifname={},script=no,downscript=no", esc(&tap.name)),
+            },
         ]);
         push(&["-device", &format!("virtio-net-pci,netdev=n0,mac={}", esc(&tap.mac))]);
     }
@@ -195,8 +201,19 @@ mod tests {
             disks: vec![vec![10], vec![11, 12]],
             serial: 13,
             incoming: None,
+            tap: None,
         };
         let a = build(&vm(), &settings(Accel::Tcg), &fds).join(" ");
+        let with_fd = build(
+            &vm(),
+            &settings(Accel::Tcg),
+            &Fds {
+                tap: Some(14),
+                ..fds.clone()
+            },
+        )
+        .join(" ");
+        assert!(with_fd.contains("-netdev tap,id=n0,fd=14,vhost=off"), "{with_fd}");
         for want in [
             "-name guest=cap_1,,x,debug-threads=on",
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",

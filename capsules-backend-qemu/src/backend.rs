@@ -30,5 +30,9 @@ fn setup_error(e: VmmError) -> Error {
 pub async fn backend_from_env() -> Result<QemuBackend> {
     let vmm = QemuVmm::new(QemuConfig::from_env().map_err(setup_error)?).map_err(setup_error)?;
     let net = Network::new(NetConfig::from_env()?).await?;
-    MicroVmBackend::builder(vmm).from_env().network(Arc::new(net)).build().await
+    MicroVmBackend::builder(vmm)
+        .from_env()
+        .network(Arc::new(net))
+        .build()
+        .await
 }

@@ -163,6 +163,7 @@ impl QemuVmm {
                 .collect(),
             serial: 9,
             incoming: restore.then_some(8),
+            tap: None,
         };
         args::build(vm, &self.settings(), &fds)
     }
@@ -217,6 +218,11 @@ impl QemuVmm {
         let serial = open(&vm.serial_log, true, true)?;
         fds.serial = serial.as_raw_fd();
         keep.push(serial);
+        if let Some(tap) = &vm.tap {
+            let f = open_tap(&tap.name)?;
+            fds.tap = Some(f.as_raw_fd());
+            keep.push(f);
+        }
         if let Some(dir) = incoming {
             let snap = dir.join(SNAPSHOT_FILE);
             let f = File::open(&snap)
@@ -477,6 +483,50 @@ impl Vmm for QemuVmm {
             op: tokio::sync::Mutex::new(()),
         })))
     }
+}
+
+/// Opens `/dev/net/tun` and attaches it to the capsule's existing tap (created by
+/// `capsules-microvm`), with a virtio-net header, for QEMU to inherit: the unprivileged VMM user
+/// then needs no access to `/dev/net/tun`.
+fn open_tap(name: &str) -> Result<File, VmmError> {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    const IFF_VNET_HDR: libc::c_short = 0x4000;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(process(format!("tap name {name:?} is not a valid interface name")));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| {
+            VmmError::io(
+                "open /dev/net/tun to attach the capsule's tap (needs root or CAP_NET_ADMIN)",
+                e,
+            )
+        })?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes) that `req` provides.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
+    if rc < 0 {
+        return Err(VmmError::io(
+            format!("attach to tap {name}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(f)
 }
 
 #[cfg(test)]

@@ -24,7 +24,11 @@ fn prerequisites() -> Result<(), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("needs root (taps, nftables, the VMM user)".into());
     }
-    for (bin, pkg) in [("qemu-system-x86_64", "qemu-system-x86"), ("nft", "nftables"), ("ip", "iproute2")] {
+    for (bin, pkg) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("nft", "nftables"),
+        ("ip", "iproute2"),
+    ] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).exists()))
             .unwrap_or(false);
@@ -42,7 +46,11 @@ fn main() {
     let ignore_all = |why: String| -> Vec<Trial> {
         cases()
             .into_iter()
-            .map(|c| Trial::test(c.name, || Ok(())).with_ignored_flag(true).with_kind(why.clone()))
+            .map(|c| {
+                Trial::test(c.name, || Ok(()))
+                    .with_ignored_flag(true)
+                    .with_kind(why.clone())
+            })
             .collect()
     };
     if let Err(why) = prerequisites() {
@@ -58,15 +66,21 @@ fn main() {
     let setup = rt.block_on(async {
         // Build (or reuse) the small image first, with progress, so the first case's deadline
         // does not include a cold image build.
-        let assets = AssetBuilder::from_env().build().map_err(|e| format!("guest assets: {e}"))?;
+        let assets = AssetBuilder::from_env()
+            .build()
+            .map_err(|e| format!("guest assets: {e}"))?;
         tokio::task::spawn_blocking(move || assets.ensure(&[BaseImage::Small], Progress::Stderr))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("could not build the guest assets: {e}"))?;
         let vmm = QemuVmm::new(QemuConfig::from_env().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-        let net = Network::new(NetConfig::from_env().map_err(|e| e.to_string())?.with_table("capsules_test"))
-            .await
-            .map_err(|e| e.to_string())?;
+        let net = Network::new(
+            NetConfig::from_env()
+                .map_err(|e| e.to_string())?
+                .with_table("capsules_test"),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         MicroVmBackend::builder(vmm)
             .state_dir(state.path())
             .network(Arc::new(net))
@@ -87,7 +101,9 @@ fn main() {
         .map(|case| {
             let skip = runner.skip_reason(&case);
             let (r, rt) = (runner.clone(), rt.clone());
-            let t = Trial::test(case.name, move || rt.block_on(r.run(&case)).map_err(|f| Failed::from(f.to_string())));
+            let t = Trial::test(case.name, move || {
+                rt.block_on(r.run(&case)).map_err(|f| Failed::from(f.to_string()))
+            });
             match skip {
                 Some(why) => t.with_ignored_flag(true).with_kind(why),
                 None => t,

@@ -95,6 +95,19 @@ impl Error {
         matches!(self.kind, ErrorKind::Unavailable)
     }
 
+    /// The message followed by every source in the chain, `": "`-separated (for logs and test
+    /// failures; Display stays one level).
+    pub fn chain(&self) -> String {
+        let mut out = self.message.clone();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            src = s.source();
+        }
+        out
+    }
+
     pub fn invalid_input(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidInput, message)
     }

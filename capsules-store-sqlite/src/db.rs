@@ -15,7 +15,7 @@ use crate::DbResult;
 
 /// One open transaction.
 pub(crate) struct Tx<'a> {
-    c: &'a rusqlite::Transaction<'a>,
+    c: &'a rusqlite::Connection,
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<String> {
@@ -75,7 +75,8 @@ fn decode_entry((seq, at_ms, team, capsule, kind, quantity, amount, reason): Raw
 }
 
 impl<'a> Tx<'a> {
-    pub(crate) fn new(c: &'a rusqlite::Transaction<'a>) -> Self {
+    /// `c` is inside a transaction (and a savepoint for this one step).
+    pub(crate) fn new(c: &'a rusqlite::Connection) -> Self {
         Tx { c }
     }
 
@@ -324,7 +325,10 @@ impl<'a> Tx<'a> {
     }
 
     pub(crate) fn team_tokens(&self, team: &TeamId) -> Result<Vec<TokenRecord>> {
-        self.records("SELECT record FROM tokens WHERE team = ?1 ORDER BY rowid", team.as_str())
+        self.records(
+            "SELECT record FROM tokens WHERE team = ?1 ORDER BY rowid",
+            team.as_str(),
+        )
     }
 
     // ---- teams --------------------------------------------------------------------------
@@ -352,7 +356,9 @@ impl<'a> Tx<'a> {
     pub(crate) fn put_team(&self, t: &TeamRecord, insert: bool) -> Result<()> {
         if insert {
             self.c
-                .prepare_cached("INSERT INTO teams (id, name, created_at_ms, balance, record) VALUES (?1, ?2, ?3, 0, ?4)")
+                .prepare_cached(
+                    "INSERT INTO teams (id, name, created_at_ms, balance, record) VALUES (?1, ?2, ?3, 0, ?4)",
+                )
                 .db()?
                 .execute(params![t.id.as_str(), t.name.as_str(), t.created_at_ms, to_json(t)?])
                 .db()?;

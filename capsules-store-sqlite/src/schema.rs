@@ -123,10 +123,15 @@ mod tests {
         let mut c = Connection::open_in_memory().unwrap();
         migrate(&mut c).unwrap();
         migrate(&mut c).unwrap();
-        let n: i64 = c.query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(n, i64::from(SCHEMA_VERSION));
-        c.execute("INSERT INTO schema_version (version) VALUES (?1)", [i64::from(SCHEMA_VERSION) + 1])
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0))
             .unwrap();
+        assert_eq!(n, i64::from(SCHEMA_VERSION));
+        c.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [i64::from(SCHEMA_VERSION) + 1],
+        )
+        .unwrap();
         let e = migrate(&mut c).unwrap_err();
         assert_eq!(e.kind(), capsules_core::ErrorKind::Unsupported);
         assert!(e.message().contains("newer"), "{e}");

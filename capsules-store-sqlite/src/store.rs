@@ -9,19 +9,18 @@ use capsules_core::store::{
     CapsuleStore, EndKind, EventLog, Ledger, MeterReport, Observed, StartKind, TokenStore, Transition,
 };
 use capsules_core::tokens::TokenRecord;
-use capsules_core::types::{CapsuleId, CapsuleName, MicroCredits, PublicUrl, RateCard, TeamCaps, TeamId, TeamName, TokenId};
+use capsules_core::types::{
+    CapsuleId, CapsuleName, MicroCredits, PublicUrl, RateCard, TeamCaps, TeamId, TeamName, TokenId,
+};
 use capsules_core::{Error, ErrorKind, Result};
 
 use crate::SqliteStore;
 use crate::db::Tx;
 
-const READ: bool = false;
-const WRITE: bool = true;
-
 #[async_trait]
 impl TokenStore for SqliteStore {
     async fn insert_token(&self, token: TokenRecord, event: NewEvent) -> Result<()> {
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             t.insert_token(&token)?;
             t.push_event(event)?;
             Ok(())
@@ -31,7 +30,7 @@ impl TokenStore for SqliteStore {
 
     async fn token_chain(&self, id: &TokenId) -> Result<Vec<TokenRecord>> {
         let id = id.clone();
-        self.tx(READ, move |t| {
+        self.tx(move |t| {
             let mut out = Vec::new();
             let mut cur = Some(id);
             while let Some(c) = cur {
@@ -53,12 +52,12 @@ impl TokenStore for SqliteStore {
 
     async fn list_tokens(&self, team: &TeamId) -> Result<Vec<TokenRecord>> {
         let team = team.clone();
-        self.tx(READ, move |t| t.team_tokens(&team)).await
+        self.tx(move |t| t.team_tokens(&team)).await
     }
 
     async fn revoke_token(&self, id: &TokenId, at_ms: i64, token: Option<TokenId>) -> Result<Vec<TokenId>> {
         let id = id.clone();
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             let team = t
                 .token(&id)?
                 .ok_or_else(|| Error::not_found(format!("token {id} does not exist")))?
@@ -97,7 +96,7 @@ impl Ledger for SqliteStore {
         owner: TokenRecord,
         grant: NewEntry,
     ) -> Result<()> {
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             if t.any_token_or_team()? {
                 return Err(Error::conflict(
                     "the store is not empty; bootstrap runs only once, on an empty store",
@@ -110,21 +109,21 @@ impl Ledger for SqliteStore {
     }
 
     async fn create_team(&self, team: TeamRecord, owner: TokenRecord, grant: NewEntry) -> Result<()> {
-        self.tx(WRITE, move |t| t.insert_team(team, owner, grant)).await
+        self.tx(move |t| t.insert_team(team, owner, grant)).await
     }
 
     async fn team(&self, id: &TeamId) -> Result<Option<TeamRecord>> {
         let id = id.clone();
-        self.tx(READ, move |t| t.team(&id)).await
+        self.tx(move |t| t.team(&id)).await
     }
 
     async fn team_by_name(&self, name: &TeamName) -> Result<Option<TeamRecord>> {
         let name = name.clone();
-        self.tx(READ, move |t| t.team_by_name(name.as_str())).await
+        self.tx(move |t| t.team_by_name(name.as_str())).await
     }
 
     async fn list_teams(&self) -> Result<Vec<TeamRecord>> {
-        self.tx(READ, move |t| {
+        self.tx(move |t| {
             let mut v = t.all_teams()?;
             v.sort_by_key(|t| (t.created_at_ms, t.name.clone()));
             Ok(v)
@@ -134,7 +133,7 @@ impl Ledger for SqliteStore {
 
     async fn set_team_caps(&self, id: &TeamId, caps: TeamCaps, event: NewEvent) -> Result<TeamRecord> {
         let id = id.clone();
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             let mut team = t
                 .team(&id)?
                 .ok_or_else(|| Error::not_found(format!("team {id} does not exist")))?;
@@ -147,7 +146,7 @@ impl Ledger for SqliteStore {
     }
 
     async fn append_entry(&self, entry: NewEntry, event: Option<NewEvent>) -> Result<LedgerEntry> {
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             if t.team(&entry.team)?.is_none() {
                 return Err(Error::not_found(format!("team {} does not exist", entry.team)));
             }
@@ -162,17 +161,17 @@ impl Ledger for SqliteStore {
 
     async fn balance(&self, team: &TeamId) -> Result<MicroCredits> {
         let team = team.clone();
-        self.tx(READ, move |t| t.balance(&team)).await
+        self.tx(move |t| t.balance(&team)).await
     }
 
     async fn entries(&self, team: &TeamId) -> Result<Vec<LedgerEntry>> {
         let team = team.clone();
-        self.tx(READ, move |t| t.team_entries(&team)).await
+        self.tx(move |t| t.team_entries(&team)).await
     }
 
     async fn capsule_entries(&self, capsule: &CapsuleId) -> Result<Vec<LedgerEntry>> {
         let capsule = capsule.clone();
-        self.tx(READ, move |t| t.capsule_entries(&capsule)).await
+        self.tx(move |t| t.capsule_entries(&capsule)).await
     }
 }
 
@@ -244,7 +243,7 @@ fn meter_tx(
 impl CapsuleStore for SqliteStore {
     async fn create_capsule(&self, new: NewCapsule, rates: &RateCard, token: Option<TokenId>) -> Result<CapsuleRecord> {
         let rates = *rates;
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             if t.live_by_name(&new.team, new.name.as_str())?.is_some() {
                 return Err(Error::already_exists(format!(
                     "a capsule named {} exists in this team",
@@ -308,7 +307,7 @@ impl CapsuleStore for SqliteStore {
 
     async fn capsule(&self, id: &CapsuleId) -> Result<Option<CapsuleRecord>> {
         let id = id.clone();
-        self.tx(READ, move |t| t.find(&id)).await
+        self.tx(move |t| t.find(&id)).await
     }
 
     async fn capsule_by_name(
@@ -318,7 +317,7 @@ impl CapsuleStore for SqliteStore {
         fallback: bool,
     ) -> Result<Option<CapsuleRecord>> {
         let (team, name) = (team.clone(), name.clone());
-        self.tx(READ, move |t| match t.live_by_name(&team, name.as_str())? {
+        self.tx(move |t| match t.live_by_name(&team, name.as_str())? {
             Some(r) => Ok(Some(r)),
             None if fallback => t.dead_by_name(&team, name.as_str()),
             None => Ok(None),
@@ -328,16 +327,16 @@ impl CapsuleStore for SqliteStore {
 
     async fn list_capsules(&self, team: &TeamId, include_terminated: bool) -> Result<Vec<CapsuleRecord>> {
         let team = team.clone();
-        self.tx(READ, move |t| t.team_capsules(&team, include_terminated)).await
+        self.tx(move |t| t.team_capsules(&team, include_terminated)).await
     }
 
     async fn live_capsules(&self) -> Result<Vec<CapsuleRecord>> {
-        self.tx(READ, move |t| t.live_capsules()).await
+        self.tx(move |t| t.live_capsules()).await
     }
 
     async fn capsule_by_host_label(&self, label: &str) -> Result<Option<CapsuleRecord>> {
         let label = label.to_owned();
-        self.tx(READ, move |t| Ok(t.label_owner(&label)?.filter(|c| c.url.is_some())))
+        self.tx(move |t| Ok(t.label_owner(&label)?.filter(|c| c.url.is_some())))
             .await
     }
 
@@ -352,7 +351,7 @@ impl CapsuleStore for SqliteStore {
         let (id, rates) = (id.clone(), *rates);
         // The outer result rolls back; the inner one is the answer (a refused start commits its
         // `limit_reached` event, as the memory store keeps it).
-        self.tx(WRITE, move |t| -> Result<Result<Transition>> {
+        self.tx(move |t| -> Result<Result<Transition>> {
             let mut rec = t.get(&id)?;
             let op = match kind {
                 StartKind::Wake => Operation::Wake,
@@ -433,7 +432,7 @@ impl CapsuleStore for SqliteStore {
         token: Option<TokenId>,
     ) -> Result<Transition> {
         let (id, rates, reason) = (id.clone(), *rates, reason.to_owned());
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             let mut rec = t.get(&id)?;
             let from = rec.state;
             let (op, to) = match kind {
@@ -475,7 +474,7 @@ impl CapsuleStore for SqliteStore {
         enforce: bool,
     ) -> Result<MeterReport> {
         let (id, rates) = (id.clone(), *rates);
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             let mut rec = t.get(&id)?;
             meter_tx(t, &mut rec, now_ms, &rates, idle_deadline_ms, enforce)
         })
@@ -491,7 +490,7 @@ impl CapsuleStore for SqliteStore {
         now_ms: i64,
     ) -> Result<CapsuleRecord> {
         let (id, reason) = (id.clone(), reason.to_owned());
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             let mut rec = t.get(&id)?;
             if rec.state != from {
                 return Err(Error::conflict(format!(
@@ -513,7 +512,7 @@ impl CapsuleStore for SqliteStore {
 
     async fn abort_start(&self, id: &CapsuleId, to: CapsuleState, reason: &str, now_ms: i64) -> Result<CapsuleRecord> {
         let (id, reason) = (id.clone(), reason.to_owned());
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             let mut rec = t.get(&id)?;
             let from = rec.state;
             let run_start = rec.meter.run_started_ms;
@@ -557,7 +556,7 @@ impl CapsuleStore for SqliteStore {
 
     async fn update_capsule(&self, id: &CapsuleId, patch: CapsulePatch, event: NewEvent) -> Result<CapsuleRecord> {
         let id = id.clone();
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             let mut rec = t.get(&id)?;
             state::refusal(rec.state, Operation::Update, rec.name.as_str())?;
             if let Some(c) = patch.credit_limit {
@@ -581,7 +580,7 @@ impl CapsuleStore for SqliteStore {
 
     async fn set_url(&self, id: &CapsuleId, url: Option<PublicUrl>, event: NewEvent) -> Result<CapsuleRecord> {
         let id = id.clone();
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             let mut rec = t.get(&id)?;
             state::refusal(rec.state, Operation::Update, rec.name.as_str())?;
             if let Some(u) = &url {
@@ -602,7 +601,7 @@ impl CapsuleStore for SqliteStore {
 
     async fn record_traffic(&self, id: &CapsuleId, bytes: u64, now_ms: i64, rates: &RateCard) -> Result<CapsuleRecord> {
         let (id, rates) = (id.clone(), *rates);
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             let mut rec = t.get(&id)?;
             if let Some(c) = ledger::add_traffic(&mut rec, bytes, now_ms, &rates)? {
                 t.apply_charges(&rec, &[c], None)?;
@@ -621,7 +620,7 @@ impl CapsuleStore for SqliteStore {
         rates: &RateCard,
     ) -> Result<MeterReport> {
         let (id, rates) = (id.clone(), *rates);
-        self.tx(WRITE, move |t| {
+        self.tx(move |t| {
             let mut rec = t.get(&id)?;
             let from = rec.state;
             let note = |rec: &CapsuleRecord, detail: String| -> Result<()> {
@@ -696,16 +695,16 @@ impl CapsuleStore for SqliteStore {
 #[async_trait]
 impl EventLog for SqliteStore {
     async fn append_event(&self, event: NewEvent) -> Result<Event> {
-        self.tx(WRITE, move |t| t.push_event(event)).await
+        self.tx(move |t| t.push_event(event)).await
     }
 
     async fn capsule_events(&self, capsule: &CapsuleId) -> Result<Vec<Event>> {
         let capsule = capsule.clone();
-        self.tx(READ, move |t| t.events_where("capsule", capsule.as_str())).await
+        self.tx(move |t| t.events_where("capsule", capsule.as_str())).await
     }
 
     async fn team_events(&self, team: &TeamId) -> Result<Vec<Event>> {
         let team = team.clone();
-        self.tx(READ, move |t| t.events_where("team", team.as_str())).await
+        self.tx(move |t| t.events_where("team", team.as_str())).await
     }
 }

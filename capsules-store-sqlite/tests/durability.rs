@@ -32,7 +32,10 @@ async fn assert_ledger_consistent(store: &dyn Store, team: &TeamId) -> Vec<capsu
     let entries = store.entries(team).await.unwrap();
     let sum = MicroCredits::sum(entries.iter().map(|e| e.entry.amount)).unwrap();
     assert_eq!(store.balance(team).await.unwrap(), sum, "balance = sum of entries");
-    assert!(entries.windows(2).all(|w| w[0].seq < w[1].seq), "seq strictly increasing");
+    assert!(
+        entries.windows(2).all(|w| w[0].seq < w[1].seq),
+        "seq strictly increasing"
+    );
     entries
 }
 
@@ -74,8 +77,18 @@ async fn reopen_keeps_everything_exactly_once() {
     drop(store);
 
     let store = SqliteStore::open(&path).await.unwrap();
-    assert_eq!(store.entries(&team).await.unwrap(), before_entries, "every entry exactly once");
-    assert_eq!(store.capsule_entries(&id).await.unwrap().len(), before_entries.iter().filter(|e| e.entry.capsule.as_ref() == Some(&id)).count());
+    assert_eq!(
+        store.entries(&team).await.unwrap(),
+        before_entries,
+        "every entry exactly once"
+    );
+    assert_eq!(
+        store.capsule_entries(&id).await.unwrap().len(),
+        before_entries
+            .iter()
+            .filter(|e| e.entry.capsule.as_ref() == Some(&id))
+            .count()
+    );
     assert_eq!(store.balance(&team).await.unwrap(), before_balance);
     assert_eq!(store.capsule(&id).await.unwrap().unwrap(), before_record);
     assert_eq!(store.capsule_events(&id).await.unwrap(), before_events);
@@ -83,7 +96,10 @@ async fn reopen_keeps_everything_exactly_once() {
     assert_eq!(store.list_tokens(&team).await.unwrap(), before_tokens);
     assert_eq!(store.list_teams().await.unwrap(), before_teams);
     let name = before_record.name.clone();
-    assert_eq!(store.capsule_by_name(&team, &name, false).await.unwrap().unwrap().id, id);
+    assert_eq!(
+        store.capsule_by_name(&team, &name, false).await.unwrap().unwrap().id,
+        id
+    );
     // Bootstrap refuses the non-empty store after a reopen too.
     let s = service_on(store.clone()).await;
     assert_eq!(
@@ -118,7 +134,7 @@ async fn a_failed_step_leaves_nothing() {
     let store = SqliteStore::open(&path).await.unwrap();
     let s = service_on(store.clone()).await;
     let b = s.capsules.bootstrap("acme").await.unwrap();
-    let teams = store.list_teams().await.unwrap();
+    let teams: Vec<TeamId> = store.list_teams().await.unwrap().into_iter().map(|t| t.id).collect();
     let event_count = store.team_events(&b.team.id).await.unwrap().len();
 
     // create_team fails mid-way: the team row and its `team_created` event are written before
@@ -145,7 +161,8 @@ async fn a_failed_step_leaves_nothing() {
         assert!(store.team_events(&t2.id).await.unwrap().is_empty(), "no event");
         assert!(store.entries(&t2.id).await.unwrap().is_empty(), "no grant");
         assert_eq!(store.balance(&t2.id).await.unwrap(), MicroCredits::ZERO);
-        assert_eq!(store.list_teams().await.unwrap(), teams);
+        let now: Vec<TeamId> = store.list_teams().await.unwrap().into_iter().map(|t| t.id).collect();
+        assert_eq!(now, teams);
     };
     check(&store).await;
 
@@ -168,7 +185,13 @@ async fn a_failed_step_leaves_nothing() {
     let e = owner.create("second").await.map(|_| ()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::LimitExceeded, "{e}");
     let second = capsules_core::CapsuleName::new("second").unwrap();
-    assert!(store.capsule_by_name(&b.team.id, &second, true).await.unwrap().is_none());
+    assert!(
+        store
+            .capsule_by_name(&b.team.id, &second, true)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(store.entries(&b.team.id).await.unwrap(), entries_after_first);
     assert!(
         !store
@@ -193,8 +216,11 @@ async fn a_newer_database_is_refused() {
     let (_dir, path) = db_path();
     drop(SqliteStore::open(&path).await.unwrap());
     let c = rusqlite::Connection::open(&path).unwrap();
-    c.execute("INSERT INTO schema_version (version) VALUES (?1)", [i64::from(SCHEMA_VERSION) + 1])
-        .unwrap();
+    c.execute(
+        "INSERT INTO schema_version (version) VALUES (?1)",
+        [i64::from(SCHEMA_VERSION) + 1],
+    )
+    .unwrap();
     drop(c);
     let e = SqliteStore::open(&path).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
@@ -213,7 +239,10 @@ async fn the_file_is_in_wal_mode_with_foreign_keys() {
     // An entry of an unknown team is refused by the store (and by the foreign key below it).
     let store = SqliteStore::open(&path).await.unwrap();
     let e = store
-        .append_entry(NewEntry::grant(0, &TeamId::generate(), MicroCredits::credits(1), "x"), None)
+        .append_entry(
+            NewEntry::grant(0, &TeamId::generate(), MicroCredits::credits(1), "x"),
+            None,
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
@@ -224,51 +253,75 @@ async fn the_file_is_in_wal_mode_with_foreign_keys() {
 const CHILD_ENV: &str = "CAPSULES_SQLITE_KILL9_DB";
 const CHILD_TEAM: &str = "CAPSULES_SQLITE_KILL9_TEAM";
 
-/// The child half of [`kill_9_mid_charging_leaves_a_consistent_ledger`]: charges in a loop
-/// until it is killed. A no-op when the test runs normally.
-#[tokio::test]
+/// Lanes of concurrent charging in the child (their steps are group-committed together).
+const LANES: i64 = 8;
+const LANE_MS: i64 = 1_000_000_000;
+
+fn lane_amount(i: i64) -> MicroCredits {
+    MicroCredits::from_micros(-(i % 97 + 1))
+}
+
+/// The child half of [`kill_9_mid_charging_leaves_a_consistent_ledger`]: charges from
+/// [`LANES`] concurrent loops until it is killed. A no-op when the test runs normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill9_child_charges_in_a_loop() {
     let (Ok(path), Ok(team)) = (std::env::var(CHILD_ENV), std::env::var(CHILD_TEAM)) else {
         return;
     };
     let store = SqliteStore::open(&path).await.unwrap();
     let team = TeamId::parse(&team).unwrap();
-    println!("ready");
-    for i in 0u64.. {
-        let amount = MicroCredits::from_micros(-((i % 97) as i64 + 1));
-        // One step: the entry, the cached balance and its event, in one transaction.
-        store
-            .append_entry(
-                NewEntry {
-                    at_ms: START_MS + i as i64,
-                    team: team.clone(),
-                    capsule: None,
-                    kind: EntryKind::Compute,
-                    quantity: 1,
-                    amount,
-                    reason: Some("kill9".into()),
-                },
-                Some(
-                    NewEvent::new(
-                        START_MS + i as i64,
-                        EventKind::Charged {
-                            what: "compute".into(),
+    let mut lanes = Vec::new();
+    for lane in 0..LANES {
+        let (store, team) = (store.clone(), team.clone());
+        lanes.push(tokio::spawn(async move {
+            for i in 0i64.. {
+                let at = START_MS + lane * LANE_MS + i;
+                let amount = lane_amount(i);
+                // One step: the entry, the cached balance and its event, atomically.
+                store
+                    .append_entry(
+                        NewEntry {
+                            at_ms: at,
+                            team: team.clone(),
+                            capsule: None,
+                            kind: EntryKind::Compute,
                             quantity: 1,
-                            amount: amount.negate(),
+                            amount,
+                            reason: Some("kill9".into()),
                         },
+                        Some(
+                            NewEvent::new(
+                                at,
+                                EventKind::Charged {
+                                    what: "compute".into(),
+                                    quantity: 1,
+                                    amount: amount.negate(),
+                                },
+                            )
+                            .team(&team),
+                        ),
                     )
-                    .team(&team),
-                ),
-            )
-            .await
-            .unwrap();
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    // libtest prints the test name without a newline first: the marker ends a line.
+    println!("KILL9-CHILD-READY");
+    for l in lanes {
+        l.await.unwrap();
     }
 }
 
 fn run_child_and_kill(path: &Path, team: &TeamId, after: Duration) {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["kill9_child_charges_in_a_loop", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "kill9_child_charges_in_a_loop",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, path)
         .env(CHILD_TEAM, team.as_str())
         .stdout(Stdio::piped())
@@ -279,8 +332,11 @@ fn run_child_and_kill(path: &Path, team: &TeamId, after: Duration) {
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "the child exited before it was ready");
-        if line.trim() == "ready" {
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the child exited before it was ready"
+        );
+        if line.contains("KILL9-CHILD-READY") {
             break;
         }
     }
@@ -289,7 +345,11 @@ fn run_child_and_kill(path: &Path, team: &TeamId, after: Duration) {
     child.kill().unwrap();
     let status = child.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(9), "the child was killed, not finished: {status:?}");
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the child was killed, not finished: {status:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,6 +379,10 @@ async fn kill_9_mid_charging_leaves_a_consistent_ledger() {
             "round {round}: the child charged nothing in {ms} ms ({} entries)",
             entries.len()
         );
+        eprintln!(
+            "round {round}: killed after {ms} ms; {} entries after reopen",
+            entries.len()
+        );
         last_count = entries.len();
         // Every step complete: one `charged` event per charge entry, with the same amount, in order.
         let charged: Vec<MicroCredits> = store
@@ -337,19 +401,108 @@ async fn kill_9_mid_charging_leaves_a_consistent_ledger() {
             .map(|e| e.entry.amount)
             .collect();
         assert_eq!(charges.len(), entries.len() - 1);
-        assert_eq!(charged, charges, "round {round}: an entry without its event or the reverse");
-        // The entries are the child's loop in order, none lost in the middle, none doubled.
-        let mut i_per_round = std::collections::HashMap::<i64, usize>::new();
+        assert_eq!(
+            charged, charges,
+            "round {round}: an entry without its event or the reverse"
+        );
+        // Every entry is whole (its amount matches its loop index), and each lane's charges are
+        // a prefix of its loop per round: none lost in the middle, none doubled. Each round
+        // restarts the counters at 0, so the number of entries for index i never grows with i.
+        let mut per_lane = std::collections::BTreeMap::<(i64, i64), usize>::new();
         for e in entries.iter().skip(1) {
-            *i_per_round.entry(e.entry.at_ms).or_default() += 1;
+            let off = e.entry.at_ms - START_MS;
+            let (lane, i) = (off / LANE_MS, off % LANE_MS);
+            assert!((0..LANES).contains(&lane), "{e:?}");
+            assert_eq!(e.entry.amount, lane_amount(i), "{e:?}");
+            *per_lane.entry((lane, i)).or_default() += 1;
         }
-        let total = MicroCredits::sum(entries.iter().map(|e| e.entry.amount)).unwrap();
-        assert_eq!(store.balance(&team).await.unwrap(), total);
-        // Each round restarts the child's counter at 0: at_ms START_MS + i occurs once per round
-        // that reached i, so the counts never increase with i.
-        let mut keys: Vec<_> = i_per_round.into_iter().collect();
-        keys.sort();
-        assert!(keys.windows(2).all(|w| w[0].1 >= w[1].1), "a gap in the child's charges");
-        assert!(keys.first().is_some_and(|(k, n)| *k == START_MS && *n == round + 1));
+        for lane in 0..LANES {
+            let counts: Vec<(i64, usize)> = per_lane
+                .range((lane, 0)..(lane + 1, 0))
+                .map(|(&(_, i), &n)| (i, n))
+                .collect();
+            assert!(
+                counts.windows(2).all(|w| w[0].1 >= w[1].1),
+                "round {round}, lane {lane}: a gap in the charges {counts:?}"
+            );
+            assert!(
+                counts.iter().all(|&(_, n)| n <= round + 1),
+                "round {round}, lane {lane}: doubled"
+            );
+            assert!(
+                counts.iter().enumerate().all(|(k, &(i, _))| i == k as i64),
+                "round {round}, lane {lane}: a missing index"
+            );
+        }
     }
+}
+
+/// Group commit: concurrent steps share a transaction, but each stays atomic on its own — steps
+/// failing mid-way (after some of their rows were written) leave nothing, and the others commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_steps_stay_atomic_one_by_one() {
+    let (_dir, path) = db_path();
+    let store = SqliteStore::open(&path).await.unwrap();
+    let s = service_on(store.clone()).await;
+    let b = s.capsules.bootstrap("acme").await.unwrap();
+    let team = b.team.id.clone();
+    let mut tasks = Vec::new();
+    for i in 0..200i64 {
+        let (st, team, owner) = (store.clone(), team.clone(), b.owner.record.clone());
+        tasks.push(tokio::spawn(async move {
+            if i % 10 == 3 {
+                // Fails after writing the team row and its event: the owner token id is taken.
+                let t = TeamRecord {
+                    id: TeamId::generate(),
+                    name: TeamName::new(format!("t{i}")).unwrap(),
+                    caps: TeamCaps::default(),
+                    created_at_ms: START_MS,
+                };
+                let g = NewEntry::grant(START_MS, &t.id, MicroCredits::credits(5), "onboarding");
+                let e = st.create_team(t, owner, g).await.unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+                0
+            } else {
+                st.append_entry(
+                    NewEntry::grant(START_MS, &team, MicroCredits::from_micros(i + 1), "par"),
+                    None,
+                )
+                .await
+                .unwrap();
+                i + 1
+            }
+        }));
+    }
+    let mut expected = 5_000_000i64;
+    for t in tasks {
+        expected += t.await.unwrap();
+    }
+    drop(s);
+    drop(store);
+    let store = SqliteStore::open(&path).await.unwrap();
+    let entries = assert_ledger_consistent(&store, &team).await;
+    assert_eq!(entries.len(), 1 + 180);
+    assert_eq!(store.balance(&team).await.unwrap().micros(), expected);
+    assert_eq!(store.list_teams().await.unwrap().len(), 1, "no failed team left a row");
+}
+
+#[tokio::test]
+async fn in_memory_store_runs_the_same_code() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    assert_eq!(store.path(), None);
+    let s = service_on(store.clone()).await;
+    let b = s.capsules.bootstrap("acme").await.unwrap();
+    let e = store
+        .append_entry(
+            NewEntry::grant(START_MS, &b.team.id, MicroCredits::from_micros(7), "x"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(e.seq, 2, "the onboarding grant is entry 1");
+    assert_eq!(store.balance(&b.team.id).await.unwrap().micros(), 5_000_007);
+    assert_eq!(
+        store.token_chain(&b.owner.record.id).await.unwrap(),
+        vec![b.owner.record.clone()]
+    );
 }

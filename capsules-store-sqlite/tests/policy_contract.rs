@@ -8,8 +8,12 @@ use capsules_core::testkit::{Service, policy};
 use capsules_store_sqlite::SqliteStore;
 
 async fn service() -> Service {
-    let dir = tempfile::tempdir().expect("a temp dir");
-    // The directory outlives the service: the test process's temp files are cleaned by the OS.
+    // Under cargo's per-target temp dir (removed by `cargo clean`): the directory must outlive
+    // the service, which the suite keeps until the case ends.
+    let dir = tempfile::Builder::new()
+        .prefix("policy-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("a temp dir");
     let path = dir.keep().join("capsules.db");
     let store = SqliteStore::open(&path).await.expect("open the sqlite store");
     Service::new(Arc::new(MockBackend::new()), Arc::new(store)).await

@@ -363,14 +363,19 @@ impl CapsuleHandle {
 
     /// Unpacks a tar stream into `dest`.
     pub async fn upload_tar(&self, dest: &str, tar: ByteStream) -> Result<()> {
-        self.upload_tar_sized(dest, tar, 0).await
-    }
-
-    async fn upload_tar_sized(&self, dest: &str, tar: ByteStream, bytes: u64) -> Result<()> {
         traced("upload_tar", async {
             let (p, rec) = self.prep(Action::Write, Operation::Use).await?;
             let _g = ActivityGuard::new(&self.inner, &rec.id);
+            // The audit event records the bytes that actually went in.
+            let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let c = counted.clone();
+            let tar: ByteStream = Box::pin(futures::StreamExt::inspect(tar, move |chunk| {
+                if let Ok(b) = chunk {
+                    c.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            }));
             self.inner.backend.upload_tar(&rec.id, dest, tar).await?;
+            let bytes = counted.load(std::sync::atomic::Ordering::Relaxed);
             self.event(
                 &p,
                 &rec,
@@ -391,9 +396,8 @@ impl CapsuleHandle {
         let tar = tokio::task::spawn_blocking(move || pack_dir(&local))
             .await
             .map_err(|e| Error::internal("packing the directory panicked").with_source(e))??;
-        let n = tar.len() as u64;
         let s: ByteStream = Box::pin(futures::stream::once(async move { Ok(Bytes::from(tar)) }));
-        self.upload_tar_sized(dest, s, n).await
+        self.upload_tar(dest, s).await
     }
 
     /// Packs directory `path` in the capsule as a tar stream.

@@ -402,7 +402,7 @@ impl Runner {
         let b = &*self.backend;
         within(secs(b, 300), "create", b.create(&s))
             .await?
-            .map_err(|e| Failure(format!("could not create the test capsule: {e}")))?;
+            .map_err(|e| Failure(format!("could not create the test capsule: {}", e.chain())))?;
         Ok(s.id)
     }
 

@@ -117,6 +117,11 @@ impl<V: Vmm> MicroVmBackendBuilder<V> {
         std::fs::create_dir_all(&root)
             .map_err(|e| io_err(format!("could not create the state directory {}", root.display()), e))?;
         let run_as = self.vmm_user.unwrap_or_default().resolve()?;
+        if let Some((uid, _)) = run_as
+            && uid != 0
+        {
+            ensure_traversable(&[state_dir.as_path(), root.as_path()])?;
+        }
         let assets = match self.assets {
             Some(a) => a,
             None => Arc::new(
@@ -149,4 +154,38 @@ impl<V: Vmm> MicroVmBackendBuilder<V> {
         inner.recover().await?;
         Ok(MicroVmBackend { inner })
     }
+}
+
+/// The VMM runs as an unprivileged user that must reach its capsule's directory: give the state
+/// directory and its `capsules/` subdirectory search permission for others (`o+x`, no read), and
+/// check that every ancestor already allows it.
+fn ensure_traversable(dirs: &[&std::path::Path]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in dirs {
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| io_err(format!("could not read the permissions of {}", dir.display()), e))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode((mode & 0o7777) | 0o011))
+                .map_err(|e| io_err(format!("could not let the VMM user traverse {}", dir.display()), e))?;
+        }
+    }
+    if let Some(first) = dirs.first() {
+        let mut cur = first.parent();
+        while let Some(d) = cur {
+            if let Ok(meta) = std::fs::metadata(d)
+                && meta.permissions().mode() & 0o001 == 0
+            {
+                return Err(Error::invalid_input(format!(
+                    "the state directory {} is inside {}, which the unprivileged VMM user cannot traverse; \
+                     choose a state directory whose parents allow search (chmod o+x {})",
+                    first.display(),
+                    d.display(),
+                    d.display()
+                )));
+            }
+            cur = d.parent();
+        }
+    }
+    Ok(())
 }

@@ -158,7 +158,8 @@ impl std::error::Error for Detail {
 /// Maps a VMM error to a core error whose message says what failed (`what`, e.g. "starting the VM").
 pub(crate) fn vmm_err(what: &str, e: VmmError) -> Error {
     match e {
-        VmmError::HostUnsupported(ref msg) => Error::unsupported(msg.clone()).with_source(e),
+        // The driver's message is the whole story; a source would only repeat it.
+        VmmError::HostUnsupported(msg) => Error::unsupported(msg),
         VmmError::Timeout(..) => Error::unavailable(format!("{what} timed out")).with_source(e),
         _ => Error::internal(format!("{what} failed")).with_source(e),
     }

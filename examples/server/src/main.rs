@@ -1,4 +1,4 @@
-//! `capsules-server`: the example HTTP API. State is in memory in this build (lost on restart).
+//! `capsules-server`: the example HTTP API. State lives in SQLite under the state directory (or in memory with `--store memory`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,9 +10,11 @@ use capsules_core::{Backend, Capsules, Error, MemoryStore, Result};
 use clap::{Parser, ValueEnum};
 
 const ABOUT: &str = "The Capsules example server: the /v1 HTTP API over capsules-core.\n\n\
-NOTE: this build keeps all state (tokens, capsules, ledger) IN MEMORY: it is lost when the server \
-stops. On every start the server bootstraps a fresh team and prints its tokens once (also written \
-to <state-dir>/bootstrap.json, mode 0600).";
+State (tokens, capsules, ledger, events) is kept in <state-dir>/capsules.db (SQLite; --store memory \
+keeps it in memory instead, lost on exit). On the first start on an empty store the server \
+bootstraps the operator and a first team and prints both tokens once (also written to \
+<state-dir>/bootstrap.json, mode 0600); later starts resume from the database and reconcile it \
+with the capsules the backend still holds.";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendKind {
@@ -42,6 +44,25 @@ struct Args {
     /// Seconds between lifecycle job runs (metering, idle sleep, limits).
     #[arg(long, default_value_t = 5)]
     tick_secs: u64,
+    /// Capsule networking for the microVM backends (a tap, nftables rules and a DNS forwarder per
+    /// capsule; needs root or CAP_NET_ADMIN). `off` boots capsules without a network device.
+    #[arg(long, value_enum, default_value_t = NetworkMode::On, env = "CAPSULES_NETWORK")]
+    network: NetworkMode,
+    /// Where state lives: `sqlite` (durable, <state-dir>/capsules.db) or `memory` (lost on exit).
+    #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
+    store: StoreKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    Sqlite,
+    Memory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NetworkMode {
+    On,
+    Off,
 }
 
 fn on_path(bin: &str) -> bool {
@@ -49,7 +70,7 @@ fn on_path(bin: &str) -> bool {
 }
 
 /// The one place a backend is constructed.
-async fn make_backend(kind: BackendKind, state_dir: &Path) -> Result<Arc<dyn Backend>> {
+async fn make_backend(kind: BackendKind, state_dir: &Path, network: NetworkMode) -> Result<Arc<dyn Backend>> {
     match kind {
         BackendKind::Mock => {
             use capsules_backend_mock::{ExecMatcher, ExecReply, MockBackend};
@@ -63,25 +84,59 @@ async fn make_backend(kind: BackendKind, state_dir: &Path) -> Result<Arc<dyn Bac
             );
             Ok(Arc::new(mock))
         }
-        BackendKind::Qemu => qemu_backend(state_dir).await,
-        BackendKind::Chv => Err(Error::unsupported(
-            "the chv backend is not available in this build; use --backend mock or --backend qemu",
-        )),
+        BackendKind::Qemu => qemu_backend(state_dir, network).await,
+        BackendKind::Chv => chv_backend(state_dir, network).await,
     }
 }
 
+/// The capsule network layer, or none when `--network off`.
+#[cfg(any(feature = "qemu", feature = "chv"))]
+async fn network_layer(mode: NetworkMode) -> Result<Option<Arc<capsules_microvm::net::Network>>> {
+    use capsules_microvm::net::{NetConfig, Network};
+    match mode {
+        NetworkMode::Off => {
+            tracing::warn!("capsule networking is off (--network off): capsules boot without a network device");
+            Ok(None)
+        }
+        NetworkMode::On => Ok(Some(Arc::new(Network::new(NetConfig::from_env()?).await?))),
+    }
+}
+
+#[cfg(feature = "chv")]
+async fn chv_backend(state_dir: &Path, network: NetworkMode) -> Result<Arc<dyn Backend>> {
+    use capsules_microvm::backend::MicroVmBackend;
+    let vmm = capsules_backend_chv::ChvBuilder::from_env()
+        .build()
+        .map_err(|e| Error::unavailable("could not set up Cloud Hypervisor").with_source(e))?;
+    let mut builder = MicroVmBackend::builder(vmm).state_dir(state_dir);
+    if let Some(net) = network_layer(network).await? {
+        builder = builder.network(net);
+    }
+    Ok(Arc::new(builder.build().await?))
+}
+
+#[cfg(not(feature = "chv"))]
+async fn chv_backend(_: &Path, _: NetworkMode) -> Result<Arc<dyn Backend>> {
+    Err(Error::unsupported(
+        "the chv backend is not available in this build; use --backend mock or --backend qemu",
+    ))
+}
+
 #[cfg(feature = "qemu")]
-async fn qemu_backend(state_dir: &Path) -> Result<Arc<dyn Backend>> {
+async fn qemu_backend(state_dir: &Path, network: NetworkMode) -> Result<Arc<dyn Backend>> {
     use capsules_backend_qemu::{QemuConfig, QemuVmm};
     use capsules_microvm::backend::MicroVmBackend;
     let config = QemuConfig::from_env().map_err(|e| Error::unavailable("could not configure QEMU").with_source(e))?;
     let vmm = QemuVmm::new(config).map_err(|e| Error::unavailable("could not set up QEMU").with_source(e))?;
-    let backend = MicroVmBackend::builder(vmm).state_dir(state_dir).build().await?;
-    Ok(Arc::new(backend))
+    let mut builder = MicroVmBackend::builder(vmm).state_dir(state_dir);
+    if let Some(net) = network_layer(network).await? {
+        builder = builder.network(net);
+    }
+    Ok(Arc::new(builder.build().await?))
 }
 
 #[cfg(not(feature = "qemu"))]
-async fn qemu_backend(_: &Path) -> Result<Arc<dyn Backend>> {
+async fn qemu_backend(_: &Path, _: NetworkMode) -> Result<Arc<dyn Backend>> {
     Err(Error::unsupported(
         "the qemu backend is not available in this build; use --backend mock",
     ))
@@ -120,56 +175,91 @@ async fn run(args: Args) -> Result<()> {
             BackendKind::Mock
         }
     };
-    let backend = make_backend(kind, &args.state_dir).await?;
-    let capsules = Capsules::builder()
-        .backend(backend)
-        .store(MemoryStore::new())
-        .build()
-        .await?;
-    tracing::warn!("state is in memory (MemoryStore): tokens, capsules and the ledger are lost on restart");
-    let boot = capsules.bootstrap(&args.team).await?;
-    let balance = capsules
-        .operator(boot.operator.secret.expose())
-        .balance(&args.team)
-        .await?;
-    let doc = serde_json::json!({
-        "api": format!("http://{}", args.listen),
-        "backend": format!("{kind:?}").to_lowercase(),
-        "team": boot.team.name.as_str(),
-        "team_id": boot.team.id.as_str(),
-        "balance": balance.to_string(),
-        "operator_token": boot.operator.secret.expose(),
-        "owner_token": boot.owner.secret.expose(),
-    });
-    let file = write_bootstrap(&args.state_dir, &doc).map_err(|e| {
-        Error::internal(format!(
-            "could not write {}",
-            args.state_dir.join("bootstrap.json").display()
-        ))
-        .with_source(e)
-    })?;
-    println!(
-        "capsules-server: bootstrapped team {:?} with a balance of {balance}",
-        args.team
-    );
-    println!("  operator token (scope operator): {}", boot.operator.secret.expose());
-    println!("  owner token    (scope admin):    {}", boot.owner.secret.expose());
-    println!("  these are shown once; also written to {} (mode 0600)", file.display());
-    println!("  state is IN MEMORY and lost when the server stops");
-    let _jobs = capsules.spawn_jobs(Duration::from_secs(args.tick_secs.max(1)));
+    let backend = make_backend(kind, &args.state_dir, args.network).await?;
+    let builder = Capsules::builder().backend(backend);
+    let capsules = match args.store {
+        StoreKind::Memory => {
+            tracing::warn!("state is in memory (--store memory): tokens, capsules and the ledger are lost on exit");
+            builder.store(MemoryStore::new()).build().await?
+        }
+        StoreKind::Sqlite => {
+            let db = args.state_dir.join("capsules.db");
+            tracing::info!(db = %db.display(), "state in SQLite");
+            builder
+                .store(capsules_store_sqlite::SqliteStore::open(&db).await?)
+                .build()
+                .await?
+        }
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| Error::unavailable(format!("could not listen on {}", args.listen)).with_source(e))?;
-    println!(
-        "capsules-server: listening on http://{} (backend {kind:?})",
-        listener.local_addr().unwrap_or(args.listen)
-    );
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    match capsules.bootstrap(&args.team).await {
+        Ok(boot) => {
+            let balance = capsules
+                .operator(boot.operator.secret.expose())
+                .balance(&args.team)
+                .await?;
+            let doc = serde_json::json!({
+                "api": format!("http://{addr}"),
+                "backend": format!("{kind:?}").to_lowercase(),
+                "team": boot.team.name.as_str(),
+                "team_id": boot.team.id.as_str(),
+                "balance": balance.to_string(),
+                "operator_token": boot.operator.secret.expose(),
+                "owner_token": boot.owner.secret.expose(),
+            });
+            let file = write_bootstrap(&args.state_dir, &doc).map_err(|e| {
+                Error::internal(format!(
+                    "could not write {}",
+                    args.state_dir.join("bootstrap.json").display()
+                ))
+                .with_source(e)
+            })?;
+            println!(
+                "capsules-server: bootstrapped team {:?} with a balance of {balance}",
+                args.team
+            );
+            println!("  operator token (scope operator): {}", boot.operator.secret.expose());
+            println!("  owner token    (scope admin):    {}", boot.owner.secret.expose());
+            println!("  these are shown once; also written to {} (mode 0600)", file.display());
+        }
+        // Not the first start: resume, and square the records with what the backend holds
+        // (adopted capsules are charged the minutes they ran while nothing metered them).
+        Err(e) if e.kind() == capsules_core::ErrorKind::Conflict => {
+            let records = capsules.reconcile().await?;
+            println!(
+                "capsules-server: resumed from the existing store ({} live capsules reconciled); \
+                 the tokens were printed on the first start",
+                records.len()
+            );
+        }
+        Err(e) => return Err(e),
+    }
+    let _jobs = capsules.spawn_jobs(Duration::from_secs(args.tick_secs.max(1)));
+    println!("capsules-server: listening on http://{} (backend {kind:?})", addr);
     axum::serve(listener, capsules_server::app(capsules))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| Error::internal("the server stopped").with_source(e))
+}
+
+/// SIGINT or SIGTERM (the quickstart script stops the server with `kill`).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
 }
 
 #[tokio::main]
@@ -186,9 +276,14 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("capsules-server: error: {e}");
+            let mut last = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
-                eprintln!("  caused by: {s}");
+                let text = s.to_string();
+                if text != last {
+                    eprintln!("  caused by: {text}");
+                }
+                last = text;
                 src = s.source();
             }
             std::process::ExitCode::FAILURE

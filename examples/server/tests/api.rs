@@ -395,3 +395,48 @@ async fn unreachable_server_is_unavailable_with_a_source() {
     assert_eq!(e.message(), format!("the Capsules API at {url} is unreachable"));
     assert!(std::error::Error::source(&e).is_some());
 }
+
+#[tokio::test]
+async fn lifecycle_update_url_logs_and_terminated_listing() {
+    let s = server().await;
+    let c = api(&s).connect(&s.owner).unwrap();
+    let cap = c.create("life-1").credit_limit("1.50").await.unwrap();
+    assert_eq!(cap.sleep().await.unwrap().state.as_str(), "sleeping");
+    assert_eq!(cap.wake().await.unwrap().state.as_str(), "running");
+    assert_eq!(cap.restart().await.unwrap().state.as_str(), "running");
+    let rec = cap.update().credit_limit("3.00").await.unwrap();
+    assert_eq!(rec.limits.credit_limit.to_string(), "3.00");
+    let e = cap.update().credit_limit("-1").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    let url = cap.expose(8080, "token").await.unwrap();
+    assert_eq!(url.port, 8080);
+    cap.unexpose().await.unwrap();
+    assert!(!cap.logs().await.unwrap().is_empty());
+    let kinds: Vec<String> = cap
+        .events()
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.kind().name().to_owned())
+        .collect();
+    assert!(kinds.iter().any(|k| k == "url_changed"), "{kinds:?}");
+    cap.terminate().await.unwrap();
+    // Terminate is idempotent.
+    cap.terminate().await.unwrap();
+    assert!(c.list().await.unwrap().is_empty());
+    let all = c
+        .list_with(capsules_client::ListOptions {
+            include_terminated: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    // Exec on a terminated capsule is refused with a clear error.
+    let e = c.capsule("life-1").unwrap().exec(["ls"]).await.unwrap_err();
+    assert!(matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Conflict), "{e:?}");
+    let ledger = c.ledger().await.unwrap();
+    assert!(ledger.entries.len() >= 3);
+    assert!(!c.team_events().await.unwrap().is_empty());
+    let toks = api(&s).tokens(&s.owner).list().await.unwrap();
+    assert!(!toks.is_empty());
+}

@@ -1,0 +1,929 @@
+//! The QEMU issue's remaining "must hold" cases, on real QEMU microVMs.
+//!
+//! A real-VM target like `contract_qemu` (run it explicitly, one case at a time). The whole process
+//! first moves into a network namespace of its own; every address a case connects to belongs to a
+//! namespace the case made inside it. Each case gets its own `1x1gb` capsule(s) of the `small`
+//! image, has a hard timeout, and its capsules are terminated afterwards even when it fails. A
+//! missing prerequisite (root, QEMU, nftables, the guest assets) reports every case as ignored.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::os::fd::OwnedFd;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use capsules_backend_qemu::{QemuConfig, QemuVmm};
+use capsules_core::backend::{BackendState, CapsuleSpec, ExecEvent, ExecOutput, ExecRequest};
+use capsules_core::testkit::backend::{spec, time_scale};
+use capsules_core::types::{Cidr, NetworkPolicy};
+use capsules_core::{Backend, BackendExt, CapsuleId, ErrorKind};
+use capsules_microvm::assets::{AssetBuilder, BaseImage, Progress};
+use capsules_microvm::backend::MicroVmBackend;
+use capsules_microvm::net::{NetConfig, Network};
+use futures::StreamExt;
+use libtest_mimic::{Arguments, Failed, Trial};
+use nix::sched::{CloneFlags, setns, unshare};
+use sha2::{Digest, Sha256};
+
+type B = MicroVmBackend<QemuVmm>;
+type R = Result<(), String>;
+type CaseFn = fn(Arc<Ctx>) -> Pin<Box<dyn Future<Output = R> + Send>>;
+
+const TABLE: &str = "capsules_vm";
+const TAP_PREFIX: &str = "cpv";
+
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!($($fmt)+));
+        }
+    };
+}
+
+fn prerequisites() -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("needs root (taps, nftables, the VMM user)".into());
+    }
+    for (bin, pkg) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("nft", "nftables"),
+        ("ip", "iproute2"),
+    ] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).exists()))
+            .unwrap_or(false);
+        if !found {
+            return Err(format!("{bin} is not installed (apt-get install {pkg})"));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- host helpers
+
+/// Runs a command on the host (in the calling thread's namespace).
+fn sh(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// PIDs whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let me = std::process::id() as i32;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(c) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&c).replace('\0', " ").contains(needle)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Names of links starting with `prefix` (this namespace).
+fn links_with_prefix(prefix: &str) -> Result<Vec<String>, String> {
+    let out = sh(&["ip", "-o", "link", "show"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect())
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// An unnamed network namespace made by the test, kept alive by an fd.
+struct Ns {
+    fd: OwnedFd,
+}
+
+impl Ns {
+    fn new() -> Result<Ns, String> {
+        std::thread::spawn(|| -> Result<OwnedFd, String> {
+            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
+            let f = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| e.to_string())?;
+            sh(&["ip", "link", "set", "lo", "up"])?;
+            Ok(OwnedFd::from(f))
+        })
+        .join()
+        .map_err(|_| "netns thread panicked".to_owned())?
+        .map(|fd| Ns { fd })
+    }
+
+    fn path(&self) -> String {
+        use std::os::fd::AsRawFd;
+        format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd())
+    }
+
+    fn sh(&self, args: &[&str]) -> Result<String, String> {
+        let fd = self.fd.try_clone().map_err(|e| e.to_string())?;
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        std::thread::spawn(move || {
+            setns(&fd, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            sh(&a)
+        })
+        .join()
+        .map_err(|_| "thread panicked".to_owned())?
+    }
+
+    /// A TCP listener on 0.0.0.0:port inside this namespace (accepts and closes), stopped on drop.
+    fn listener(&self, port: u16) -> Result<Listener, String> {
+        let fd = self.fd.try_clone().map_err(|e| e.to_string())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let bound = setns(&fd, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| e.to_string())
+                .and_then(|_| TcpListener::bind(("0.0.0.0", port)).map_err(|e| e.to_string()));
+            let l = match bound {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = l.set_nonblocking(true);
+            let _ = tx.send(Ok(()));
+            while !s2.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((c, _)) => drop(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|e| format!("listener did not start: {e}"))??;
+        Ok(Listener { stop, t: Some(t) })
+    }
+}
+
+struct Listener {
+    stop: Arc<AtomicBool>,
+    t: Option<JoinHandle<()>>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.t.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A target namespace behind a veth pair: `<host_if>` here with `host_cidr`, the peer there with
+/// `target/24` and a default route back. The links are removed on drop.
+struct Target {
+    ns: Ns,
+    host_if: String,
+}
+
+impl Target {
+    fn new(host_if: &str, host_ip: &str, target_ip: &str) -> Result<Target, String> {
+        let ns = Ns::new()?;
+        let peer = format!("{host_if}p");
+        let _ = sh(&["ip", "link", "del", host_if]);
+        sh(&["ip", "link", "add", host_if, "type", "veth", "peer", "name", &peer])?;
+        let t = Target {
+            ns,
+            host_if: host_if.to_owned(),
+        };
+        sh(&["ip", "link", "set", &peer, "netns", &t.ns.path()])?;
+        sh(&["ip", "addr", "add", &format!("{host_ip}/24"), "dev", host_if])?;
+        sh(&["ip", "link", "set", host_if, "up"])?;
+        t.ns.sh(&["ip", "addr", "add", &format!("{target_ip}/24"), "dev", &peer])?;
+        t.ns.sh(&["ip", "link", "set", &peer, "up"])?;
+        t.ns.sh(&["ip", "route", "add", "default", "via", host_ip])?;
+        Ok(t)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "link", "del", &self.host_if]);
+    }
+}
+
+// ---------------------------------------------------------------- the context
+
+struct Ctx {
+    backend: B,
+    net: Arc<Network>,
+    /// Capsules the running case made: terminated after it, whatever happened.
+    made: Mutex<Vec<CapsuleId>>,
+}
+
+impl Ctx {
+    fn scale(&self) -> u32 {
+        time_scale(&self.backend)
+    }
+    fn secs(&self, s: u64) -> Duration {
+        Duration::from_secs(s * u64::from(self.scale()))
+    }
+
+    async fn create(&self, disk_gib: u32) -> Result<CapsuleSpec, String> {
+        let mut s = spec();
+        s.disk_gib = disk_gib;
+        self.create_spec(&s).await?;
+        Ok(s)
+    }
+
+    async fn create_spec(&self, s: &CapsuleSpec) -> R {
+        self.made.lock().unwrap().push(s.id.clone());
+        let t = Instant::now();
+        within(self.secs(60), "create", self.backend.create(s))
+            .await?
+            .map_err(|e| format!("create: {e}"))?;
+        eprintln!("  created {} in {:?}", s.id.as_str(), t.elapsed());
+        Ok(())
+    }
+
+    async fn run(&self, id: &CapsuleId, script: &str) -> Result<ExecOutput, String> {
+        self.run_for(id, script, 30).await
+    }
+
+    async fn run_for(&self, id: &CapsuleId, script: &str, secs: u64) -> Result<ExecOutput, String> {
+        within(
+            self.secs(secs),
+            &format!("exec {script:?}"),
+            self.backend.exec_collect(id, ExecRequest::new(["sh", "-c", script])),
+        )
+        .await?
+        .map_err(|e| format!("exec {script:?}: {e}"))
+    }
+
+    /// Runs `script`, which must succeed; returns its stdout.
+    async fn ok(&self, id: &CapsuleId, script: &str) -> Result<String, String> {
+        let o = self.run(id, script).await?;
+        ensure!(
+            o.status.success(),
+            "{script:?} failed ({:?}): {}{}",
+            o.status,
+            o.stdout_lossy(),
+            o.stderr_lossy()
+        );
+        Ok(o.stdout_lossy())
+    }
+
+    async fn sleep(&self, id: &CapsuleId) -> R {
+        let t = Instant::now();
+        within(self.secs(60), "sleep", self.backend.sleep(id))
+            .await?
+            .map_err(|e| format!("sleep: {e}"))?;
+        eprintln!("  slept in {:?}", t.elapsed());
+        Ok(())
+    }
+
+    async fn wake(&self, id: &CapsuleId) -> R {
+        let t = Instant::now();
+        within(self.secs(60), "wake", self.backend.wake(id))
+            .await?
+            .map_err(|e| format!("wake: {e}"))?;
+        eprintln!("  woke in {:?}", t.elapsed());
+        Ok(())
+    }
+
+    async fn cleanup(&self) {
+        let ids: Vec<CapsuleId> = std::mem::take(&mut *self.made.lock().unwrap());
+        for id in ids {
+            match tokio::time::timeout(self.secs(30), self.backend.terminate(&id)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("cleanup: terminate {}: {e}", id.as_str()),
+                Err(_) => eprintln!("cleanup: terminate {} timed out", id.as_str()),
+            }
+        }
+    }
+}
+
+async fn within<T>(d: Duration, what: &str, f: impl Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(d, f)
+        .await
+        .map_err(|_| format!("{what}: no answer within {d:?}"))
+}
+
+fn sha_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---------------------------------------------------------------- cases
+
+async fn clock_after_wake(c: Arc<Ctx>) -> R {
+    let s = c.create(2).await?;
+    c.sleep(&s.id).await?;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    c.wake(&s.id).await?;
+    let before = now_unix();
+    let out = c.ok(&s.id, "date +%s").await?;
+    let after = now_unix();
+    let guest: f64 = out.trim().parse().map_err(|_| format!("date +%s printed {out:?}"))?;
+    // `date +%s` truncates: the guest's real time is in [guest, guest + 1).
+    let in_range = guest + 1.0 >= before - 2.0 && guest <= after + 2.0;
+    ensure!(
+        in_range,
+        "guest clock {guest} vs host [{before:.1}, {after:.1}] after 15 s asleep"
+    );
+    eprintln!("  guest {guest}, host [{before:.2}, {after:.2}]");
+    Ok(())
+}
+
+async fn storage_limit_enospc(c: Arc<Ctx>) -> R {
+    let s = c.create(1).await?;
+    let id = &s.id;
+    let o = c
+        .run_for(id, "dd if=/dev/zero of=/workspace/big bs=1M count=2000 2>&1", 300)
+        .await?;
+    ensure!(
+        !o.status.success(),
+        "dd of 2000 MiB into a 1 GiB disk succeeded: {}",
+        o.stdout_lossy()
+    );
+    let size: u64 = c
+        .ok(id, "stat -c %s /workspace/big")
+        .await?
+        .trim()
+        .parse()
+        .map_err(|e| format!("stat size: {e}"))?;
+    let gib = size as f64 / f64::from(1u32 << 30);
+    eprintln!(
+        "  dd stopped at {size} bytes ({gib:.3} GiB): {}",
+        o.stdout_lossy().trim()
+    );
+    ensure!(
+        (0.8..=1.05).contains(&gib),
+        "the file stopped at {gib:.3} GiB ({size} bytes)"
+    );
+    ensure!(c.ok(id, "echo ok").await?.trim() == "ok", "echo ok after ENOSPC");
+    c.ok(id, "rm /workspace/big").await?;
+    c.ok(
+        id,
+        "dd if=/dev/zero of=/workspace/small bs=1M count=10 conv=fsync 2>/dev/null",
+    )
+    .await?;
+    let n = c.ok(id, "stat -c %s /workspace/small").await?;
+    ensure!(n.trim() == "10485760", "the 10 MB write after rm: {n:?}");
+    Ok(())
+}
+
+async fn files_survive_five_sleeps(c: Arc<Ctx>) -> R {
+    let s = c.create(2).await?;
+    let id = &s.id;
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let content = |name: &str, round: usize| -> Vec<u8> {
+        let mut v = format!("{name} round {round}\n").into_bytes();
+        v.extend((0..(4096 + round * 777)).map(|i| (i * 31 + round) as u8));
+        v
+    };
+    for n in 0..3 {
+        files.push((format!("/workspace/keep/f{n}"), content(&format!("f{n}"), 0)));
+    }
+    let write = |path: String, data: Vec<u8>| {
+        let c = c.clone();
+        let id = id.clone();
+        async move {
+            within(
+                c.secs(30),
+                "write_file",
+                c.backend.write_bytes(&id, &path, Bytes::from(data)),
+            )
+            .await?
+            .map(|_| ())
+            .map_err(|e| format!("write {path}: {e}"))
+        }
+    };
+    for (p, d) in &files {
+        write(p.clone(), d.clone()).await?;
+    }
+    for round in 1..=5 {
+        c.sleep(id).await?;
+        c.wake(id).await?;
+        let edit = round % files.len();
+        files[edit].1 = content(&format!("f{edit}"), round);
+        write(files[edit].0.clone(), files[edit].1.clone()).await?;
+        let path = format!("/workspace/keep/new{round}");
+        let data = content(&format!("new{round}"), round);
+        write(path.clone(), data.clone()).await?;
+        files.push((path, data));
+        // Check every file after each cycle.
+        let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+        let out = c.ok(id, &format!("sha256sum {}", paths.join(" "))).await?;
+        for (p, d) in &files {
+            let want = format!("{}  {p}", sha_hex(d));
+            ensure!(
+                out.lines().any(|l| l == want),
+                "round {round}: {p} is not intact (want {want}), sha256sum said:\n{out}"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn terminate_cleans_up(c: Arc<Ctx>) -> R {
+    let s = c.create(2).await?;
+    let id = s.id.clone();
+    let cn = c
+        .net
+        .get(id.as_str())
+        .await
+        .ok_or("the capsule has no network attachment")?;
+    let needle = format!("guest={}", id.as_str());
+    ensure!(
+        !pids_with(&needle).is_empty(),
+        "no QEMU process with {needle} before terminate"
+    );
+    let mut st = within(
+        c.secs(10),
+        "exec",
+        c.backend.exec(
+            &id,
+            ExecRequest::new(["sh", "-c", "while true; do echo x; sleep 0.2; done"]),
+        ),
+    )
+    .await?
+    .map_err(|e| format!("exec: {e}"))?;
+    // Wait for output first.
+    match within(c.secs(10), "first output", st.events.next()).await? {
+        Some(Ok(ExecEvent::Stdout(_))) => {}
+        other => return Err(format!("first event: {other:?}")),
+    }
+    let b = c.backend.clone();
+    let id2 = id.clone();
+    let term = tokio::spawn(async move { b.terminate(&id2).await });
+    let t0 = Instant::now();
+    let limit = c.secs(5);
+    let end = within(limit, "the stream after terminate", async {
+        loop {
+            match st.events.next().await {
+                Some(Ok(ExecEvent::Stdout(_))) | Some(Ok(ExecEvent::Stderr(_))) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await?;
+    eprintln!("  stream ended {:?} after terminate with {end:?}", t0.elapsed());
+    match end {
+        Some(Err(e)) if e.kind() == ErrorKind::Conflict && e.message().contains("terminated") => {}
+        other => {
+            return Err(format!(
+                "the stream must end with Conflict \"terminated\", got {other:?}"
+            ));
+        }
+    }
+    within(c.secs(30), "terminate", term)
+        .await?
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("terminate: {e}"))?;
+    ensure!(
+        pids_with(&needle).is_empty(),
+        "a QEMU process with {needle} outlived terminate"
+    );
+    let taps = links_with_prefix(TAP_PREFIX)?;
+    ensure!(taps.is_empty(), "taps left after terminate: {taps:?}");
+    let table = sh(&["nft", "list", "table", "inet", TABLE])?;
+    for what in [
+        id.as_str().to_owned(),
+        cn.tap_name.clone(),
+        cn.guest_ip.to_string(),
+        cn.host_ip.to_string(),
+    ] {
+        ensure!(!table.contains(&what), "the nft table still mentions {what}:\n{table}");
+    }
+    ensure!(
+        matches!(c.backend.state(&id).await, Ok(BackendState::Gone)),
+        "state after terminate: {:?}",
+        c.backend.state(&id).await
+    );
+    ensure!(
+        !c.backend.capsule_dir(&id).exists(),
+        "the capsule dir outlived terminate"
+    );
+    // Same name, new id.
+    let mut again = spec();
+    again.name = s.name.clone();
+    c.create_spec(&again).await?;
+    ensure!(
+        c.ok(&again.id, "echo again").await?.trim() == "again",
+        "exec in the new capsule"
+    );
+    Ok(())
+}
+
+async fn stale_snapshot_never_restored(c: Arc<Ctx>) -> R {
+    let s = c.create(2).await?;
+    let id = &s.id;
+    c.sleep(id).await?;
+    c.wake(id).await?;
+    within(
+        c.secs(30),
+        "write_file",
+        c.backend.write_bytes(
+            id,
+            "/workspace/after-wake.txt",
+            Bytes::from_static(b"written after wake\n"),
+        ),
+    )
+    .await?
+    .map_err(|e| format!("write: {e}"))?;
+    c.ok(id, "sync").await?;
+    let needle = format!("guest={}", id.as_str());
+    let pids = pids_with(&needle);
+    ensure!(pids.len() == 1, "QEMU processes for {needle}: {pids:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| format!("kill -9 {}: {e}", pids[0]))?;
+    let t0 = Instant::now();
+    let state = loop {
+        let st = c.backend.state(id).await.map_err(|e| e.to_string())?;
+        if matches!(st, BackendState::Failed { .. }) || t0.elapsed() > Duration::from_secs(5) {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("  state {:?} after kill -9: {state:?}", t0.elapsed());
+    ensure!(
+        matches!(state, BackendState::Failed { .. }),
+        "state after kill -9: {state:?}"
+    );
+    let t = Instant::now();
+    within(c.secs(60), "restart", c.backend.restart(id))
+        .await?
+        .map_err(|e| format!("restart: {e}"))?;
+    eprintln!("  restarted cold in {:?}", t.elapsed());
+    let out = c.ok(id, "cat /workspace/after-wake.txt; cat /proc/uptime").await?;
+    ensure!(out.starts_with("written after wake\n"), "after restart: {out:?}");
+    let uptime: f64 = out
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .ok_or_else(|| format!("uptime in {out:?}"))?;
+    let cold = uptime < t.elapsed().as_secs_f64() + 5.0;
+    ensure!(cold, "uptime {uptime}: the restart did not boot cold");
+    Ok(())
+}
+
+const PERL_CONNECT: &str =
+    r#"use IO::Socket::INET; IO::Socket::INET->new(PeerAddr => $ARGV[0], Timeout => 3) or exit 1"#;
+
+async fn can_connect(c: &Ctx, id: &CapsuleId, addr: &str) -> Result<bool, String> {
+    let o = within(
+        c.secs(30),
+        "perl connect",
+        c.backend
+            .exec_collect(id, ExecRequest::new(["perl", "-e", PERL_CONNECT, addr])),
+    )
+    .await?
+    .map_err(|e| format!("exec perl: {e}"))?;
+    Ok(o.status.success())
+}
+
+async fn apply_network_cuts_egress(c: Arc<Ctx>) -> R {
+    let public = Target::new("vtpub0", "203.0.113.1", "203.0.113.10")?;
+    let private = Target::new("vtprv0", "10.77.0.1", "10.77.0.10")?;
+    let _l1 = public.ns.listener(8080)?;
+    let _l2 = private.ns.listener(8080)?;
+    // The targets are real: this namespace reaches both.
+    for a in ["203.0.113.10:8080", "10.77.0.10:8080"] {
+        let addr: std::net::SocketAddr = a.parse().map_err(|e| format!("{e}"))?;
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map_err(|e| format!("test setup: the host cannot reach {a}: {e}"))?;
+    }
+    let s = c.create(2).await?;
+    let id = &s.id;
+    let apply = |p: NetworkPolicy| {
+        let c = c.clone();
+        let id = id.clone();
+        async move {
+            within(c.secs(10), "apply_network", c.backend.apply_network(&id, &p))
+                .await?
+                .map_err(|e| format!("apply_network({p:?}): {e}"))
+        }
+    };
+    ensure!(
+        can_connect(&c, id, "203.0.113.10:8080").await?,
+        "internet: 203.0.113.10 unreachable"
+    );
+    ensure!(
+        !can_connect(&c, id, "10.77.0.10:8080").await?,
+        "internet: the blocked 10.77.0.10 was reachable"
+    );
+    apply(NetworkPolicy::None).await?;
+    ensure!(
+        !can_connect(&c, id, "203.0.113.10:8080").await?,
+        "none: 203.0.113.10 still reachable"
+    );
+    ensure!(
+        !can_connect(&c, id, "10.77.0.10:8080").await?,
+        "none: 10.77.0.10 reachable"
+    );
+    apply(NetworkPolicy::Internet).await?;
+    ensure!(
+        can_connect(&c, id, "203.0.113.10:8080").await?,
+        "internet again: 203.0.113.10 unreachable"
+    );
+    ensure!(
+        !can_connect(&c, id, "10.77.0.10:8080").await?,
+        "internet again: 10.77.0.10 reachable"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- recovery (own backends)
+
+const REC_TABLE: &str = "capsules_vmrec";
+const REC_PREFIX: &str = "cpr";
+
+fn rec_config() -> Result<NetConfig, String> {
+    Ok(NetConfig::from_env()
+        .map_err(|e| e.to_string())?
+        .with_table(REC_TABLE)
+        .with_tap_prefix(REC_PREFIX)
+        .with_pool(Cidr::parse("10.214.0.0/16").map_err(|e| e.to_string())?))
+}
+
+async fn rec_backend(state: &Path) -> Result<(B, Arc<Network>), String> {
+    let vmm = QemuVmm::new(QemuConfig::from_env().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let net = Arc::new(Network::new(rec_config()?).await.map_err(|e| e.to_string())?);
+    let b = MicroVmBackend::builder(vmm)
+        .state_dir(state)
+        .network(net.clone())
+        .build()
+        .await
+        .map_err(|e| format!("build: {e}"))?;
+    Ok((b, net))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Runtime::new().map_err(|e| e.to_string())
+}
+
+fn recovery_after_host_restart() -> R {
+    let dir = tempfile::Builder::new()
+        .prefix("capsules-vm-qemu-rec-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let state: PathBuf = dir.path().to_owned();
+    let (a, b) = (spec(), spec());
+    let ids = [a.id.clone(), b.id.clone()];
+    let r = recovery_body(&state, &a, &b);
+    // Clean up with whatever backend can still be built on the state dir.
+    let cleanup = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let (be, _net) = rec_backend(&state).await?;
+            for id in &ids {
+                if let Err(e) = be.terminate(id).await {
+                    eprintln!("cleanup: terminate {}: {e}", id.as_str());
+                }
+            }
+            Ok::<(), String>(())
+        })
+    });
+    for id in &ids {
+        for pid in pids_with(&format!("guest={}", id.as_str())) {
+            eprintln!("cleanup: killing a leftover QEMU {pid}");
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    for tap in links_with_prefix(REC_PREFIX).unwrap_or_default() {
+        let _ = sh(&["ip", "link", "del", &tap]);
+    }
+    let _ = sh(&["nft", "delete", "table", "inet", REC_TABLE]);
+    r?;
+    cleanup
+}
+
+fn recovery_body(state: &Path, a: &CapsuleSpec, b: &CapsuleSpec) -> R {
+    let deadline = Duration::from_secs(600);
+    {
+        let rt = runtime()?;
+        rt.block_on(async {
+            let (be, _net) = rec_backend(state).await?;
+            let scale = u64::from(time_scale(&be));
+            let d = Duration::from_secs(60 * scale);
+            for s in [a, b] {
+                within(d, "create", be.create(s))
+                    .await?
+                    .map_err(|e| format!("create: {e}"))?;
+            }
+            within(d, "spawn", be.spawn(&a.id, ExecRequest::new(["sleep", "900"])))
+                .await?
+                .map_err(|e| format!("spawn: {e}"))?;
+            within(d, "sleep", be.sleep(&b.id))
+                .await?
+                .map_err(|e| format!("sleep: {e}"))?;
+            Ok::<(), String>(())
+        })?;
+        // The backend, its network layer and the runtime go without terminating anything: what a
+        // kill -9 of the host process leaves.
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
+    let rt = runtime()?;
+    let t0 = Instant::now();
+    rt.block_on(async {
+        let (be, _net) = within(deadline, "rebuilding the backend", rec_backend(state)).await??;
+        eprintln!("  rebuilt the backend in {:?}", t0.elapsed());
+        let scale = u64::from(time_scale(&be));
+        let d = Duration::from_secs(60 * scale);
+        let mut list = be.list().await.map_err(|e| format!("list: {e}"))?;
+        list.sort_by(|x, y| x.id.cmp(&y.id));
+        let state_of = |id: &CapsuleId| list.iter().find(|c| &c.id == id).map(|c| c.state.clone());
+        ensure!(list.len() == 2, "list after the restart: {list:?}");
+        ensure!(
+            state_of(&a.id) == Some(BackendState::Running),
+            "the running one: {list:?}"
+        );
+        ensure!(
+            state_of(&b.id) == Some(BackendState::Sleeping),
+            "the sleeping one: {list:?}"
+        );
+        let procs = within(d, "processes", be.processes(&a.id))
+            .await?
+            .map_err(|e| format!("processes: {e}"))?;
+        ensure!(
+            procs.iter().any(|p| p.running && p.argv == ["sleep", "900"]),
+            "the background `sleep 900` after recovery: {procs:?}"
+        );
+        within(d, "wake", be.wake(&b.id))
+            .await?
+            .map_err(|e| format!("wake: {e}"))?;
+        let o = within(d, "exec", be.exec_collect(&b.id, ExecRequest::new(["echo", "woke"])))
+            .await?
+            .map_err(|e| format!("exec: {e}"))?;
+        ensure!(o.stdout_lossy().trim() == "woke", "exec after wake: {o:?}");
+        let o = within(d, "exec", be.exec_collect(&a.id, ExecRequest::new(["echo", "alive"])))
+            .await?
+            .map_err(|e| format!("exec: {e}"))?;
+        ensure!(o.stdout_lossy().trim() == "alive", "exec in the running one: {o:?}");
+        let taps = links_with_prefix(REC_PREFIX)?;
+        ensure!(taps.len() == 2, "taps after recovery: {taps:?}");
+        for id in [&a.id, &b.id] {
+            within(d, "terminate", be.terminate(id))
+                .await?
+                .map_err(|e| format!("terminate: {e}"))?;
+        }
+        let taps = links_with_prefix(REC_PREFIX)?;
+        ensure!(taps.is_empty(), "taps after terminating both: {taps:?}");
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------- main
+
+const CASES: [(&str, CaseFn, u64); 6] = [
+    ("clock_after_wake", |c| Box::pin(clock_after_wake(c)), 120),
+    ("storage_limit_enospc", |c| Box::pin(storage_limit_enospc(c)), 400),
+    (
+        "files_survive_five_sleeps",
+        |c| Box::pin(files_survive_five_sleeps(c)),
+        400,
+    ),
+    ("terminate_cleans_up", |c| Box::pin(terminate_cleans_up(c)), 200),
+    (
+        "stale_snapshot_never_restored",
+        |c| Box::pin(stale_snapshot_never_restored(c)),
+        250,
+    ),
+    (
+        "apply_network_cuts_egress",
+        |c| Box::pin(apply_network_cuts_egress(c)),
+        200,
+    ),
+];
+const RECOVERY: &str = "recovery_after_host_restart";
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // A TCG guest takes a core: never run two cases at once.
+    args.test_threads = Some(1);
+    let names = || CASES.iter().map(|c| c.0).chain([RECOVERY]);
+    let ignore_all = |why: String| -> Vec<Trial> {
+        names()
+            .map(|n| Trial::test(n, || Ok(())).with_ignored_flag(true).with_kind(why.clone()))
+            .collect()
+    };
+    if let Err(why) = prerequisites() {
+        libtest_mimic::run(&args, ignore_all(why)).exit();
+    }
+    unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+    let _ = sh(&["ip", "link", "set", "lo", "up"]);
+
+    let rt = Arc::new(tokio::runtime::Runtime::new().expect("a tokio runtime"));
+    let state = tempfile::Builder::new()
+        .prefix("capsules-vm-qemu-")
+        .tempdir()
+        .expect("a temp state dir");
+    let setup = rt.block_on(async {
+        let assets = AssetBuilder::from_env()
+            .build()
+            .map_err(|e| format!("guest assets: {e}"))?;
+        tokio::task::spawn_blocking(move || assets.ensure(&[BaseImage::Small], Progress::Stderr))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("could not build the guest assets: {e}"))?;
+        let vmm = QemuVmm::new(QemuConfig::from_env().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let net = Arc::new(
+            Network::new(
+                NetConfig::from_env()
+                    .map_err(|e| e.to_string())?
+                    .with_table(TABLE)
+                    .with_tap_prefix(TAP_PREFIX),
+            )
+            .await
+            .map_err(|e| e.to_string())?,
+        );
+        let backend = MicroVmBackend::builder(vmm)
+            .state_dir(state.path())
+            .network(net.clone())
+            .build()
+            .await
+            .map_err(|e| format!("could not build the QEMU backend: {e}"))?;
+        Ok::<_, String>(Ctx {
+            backend,
+            net,
+            made: Mutex::new(Vec::new()),
+        })
+    });
+    let ctx = match setup {
+        Ok(c) => Arc::new(c),
+        Err(why) => libtest_mimic::run(&args, ignore_all(why)).exit(),
+    };
+    eprintln!("backend: {:?}", ctx.backend.info());
+
+    let mut trials: Vec<Trial> = CASES
+        .iter()
+        .map(|&(name, body, limit)| {
+            let (c, rt) = (ctx.clone(), rt.clone());
+            Trial::test(name, move || {
+                let limit =
+                    Duration::from_secs(limit * u64::from(c.scale()).max(1) / 5).max(Duration::from_secs(limit));
+                let t0 = Instant::now();
+                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    rt.block_on(async {
+                        tokio::time::timeout(limit, body(c.clone()))
+                            .await
+                            .unwrap_or_else(|_| Err(format!("the case took longer than {limit:?}")))
+                    })
+                }));
+                rt.block_on(c.cleanup());
+                eprintln!("  {name}: {:?}", t0.elapsed());
+                match r {
+                    Ok(r) => r.map_err(Failed::from),
+                    Err(_) => Err(Failed::from("panicked")),
+                }
+            })
+        })
+        .collect();
+    trials.push(Trial::test(RECOVERY, || {
+        let t0 = Instant::now();
+        let r = std::panic::catch_unwind(recovery_after_host_restart);
+        eprintln!("  {RECOVERY}: {:?}", t0.elapsed());
+        match r {
+            Ok(r) => r.map_err(Failed::from),
+            Err(_) => Err(Failed::from("panicked")),
+        }
+    }));
+    let conclusion = libtest_mimic::run(&args, trials);
+    rt.block_on(ctx.cleanup());
+    if let Ok(rd) = std::fs::read_dir(state.path().join("capsules")) {
+        let left: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
+        if !left.is_empty() {
+            eprintln!("left in the state dir: {left:?}");
+        }
+    }
+    // `exit` skips destructors: remove the state dir first.
+    drop(ctx);
+    if let Err(e) = state.close() {
+        eprintln!("cleanup: the state dir: {e}");
+    }
+    conclusion.exit();
+}

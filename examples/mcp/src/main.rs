@@ -1,0 +1,409 @@
+//! `capsule-mcp`: Capsules as MCP tools, over stdio.
+//!
+//! A client of the example server's HTTP API (`capsules-client`): every tool call is an HTTP
+//! request made with `CAPSULE_TOKEN` to `CAPSULE_API` (default `http://127.0.0.1:7878`), so it goes
+//! through the same authentication, policy and ledger as the CLI. Any API error comes back as a
+//! tool result with `isError: true` and the API's message, never as a protocol error.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use capsules_client::{Capsules, Client};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
+use rmcp::{ServerHandler, ServiceExt, schemars, tool, tool_handler, tool_router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Bytes of each output stream (stdout, stderr) an `exec` result keeps: the first half and the
+/// last half of this; the middle is dropped and counted.
+pub const STREAM_CAP: usize = 16 * 1024;
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct CreateArgs {
+    /// The capsule's name (lowercase letters, digits and '-'). Your token may only use names
+    /// starting with its prefix (e.g. `agent-`).
+    name: String,
+    /// vCPUs x memory: `1x1gb` (default), `2x2gb`, `2x4gb` or `4x8gb`.
+    size: Option<String>,
+    /// The guest image (the server's default if omitted).
+    image: Option<String>,
+    /// The most this capsule may spend, in credits, as a decimal string (e.g. "2.00").
+    credit_limit: Option<String>,
+    /// Network policy, e.g. `none`, `egress` (the server's default if omitted).
+    network: Option<String>,
+    /// Disk size in GiB.
+    disk_gib: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct NameArgs {
+    /// The capsule's name (or id).
+    name: String,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct ExecArgs {
+    /// The capsule's name (or id).
+    name: String,
+    /// The command as an argument vector, e.g. ["npm", "test"]. Give this or `shell`.
+    argv: Option<Vec<String>>,
+    /// A shell command line, run with `sh -c`, e.g. "cd /workspace && npm test". Give this or `argv`.
+    shell: Option<String>,
+    /// The working directory.
+    cwd: Option<String>,
+    /// Extra environment variables.
+    env: Option<BTreeMap<String, String>>,
+    /// Kill the command after this many seconds.
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+enum Encoding {
+    /// Text.
+    #[default]
+    Utf8,
+    /// Base64 (standard alphabet, padded): any bytes.
+    Base64,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct WriteFileArgs {
+    /// The capsule's name (or id).
+    name: String,
+    /// Absolute path in the capsule.
+    path: String,
+    /// The file's contents, as text or as base64 (see `encoding`).
+    content: String,
+    /// How `content` is encoded: "utf8" (default) or "base64".
+    encoding: Option<Encoding>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct ReadFileArgs {
+    /// The capsule's name (or id).
+    name: String,
+    /// Absolute path in the capsule.
+    path: String,
+    /// How to return the contents: "utf8" (default; fails if the file is not valid UTF-8) or
+    /// "base64" (any bytes).
+    encoding: Option<Encoding>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct ListFilesArgs {
+    /// The capsule's name (or id).
+    name: String,
+    /// Absolute directory path in the capsule (default "/").
+    path: Option<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct ListArgs {
+    /// Include terminated capsules too (default false).
+    include_terminated: Option<bool>,
+}
+
+type ToolResult = Result<Value, capsules_core::Error>;
+
+#[derive(Debug, Clone)]
+struct CapsuleTools {
+    api: Capsules,
+    token: String,
+    #[expect(dead_code, reason = "read by the tool_handler macro")]
+    tool_router: ToolRouter<Self>,
+}
+
+fn ok(v: Value) -> CallToolResult {
+    let text = serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string());
+    CallToolResult::success(vec![ContentBlock::text(text)])
+}
+
+fn finish(r: ToolResult) -> CallToolResult {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => CallToolResult::error(vec![ContentBlock::text(format!("{} error: {}", e.kind(), e.message()))]),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// Keeps the first and last `cap / 2` bytes of `b`; the text and the number of bytes dropped.
+pub fn head_tail(b: &[u8], cap: usize) -> (String, usize) {
+    if b.len() <= cap {
+        return (String::from_utf8_lossy(b).into_owned(), 0);
+    }
+    let half = cap / 2;
+    let dropped = b.len() - 2 * half;
+    let head = String::from_utf8_lossy(&b[..half]);
+    let tail = String::from_utf8_lossy(&b[b.len() - half..]);
+    (format!("{head}\n[... {dropped} bytes dropped ...]\n{tail}"), dropped)
+}
+
+fn record_summary(r: &capsules_core::records::CapsuleRecord) -> Value {
+    json!({
+        "id": to_json(&r.id),
+        "name": to_json(&r.name),
+        "state": to_json(&r.state),
+        "size": to_json(&r.size),
+        "image": to_json(&r.image),
+        "network": to_json(&r.network),
+        "disk_gib": r.disk_gib,
+        "limits": to_json(&r.limits),
+        "url": to_json(&r.url),
+    })
+}
+
+impl CapsuleTools {
+    fn new(api: Capsules, token: String) -> Self {
+        CapsuleTools {
+            api,
+            token,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    fn client(&self) -> Result<Client, capsules_core::Error> {
+        self.api.connect(&self.token)
+    }
+}
+
+#[tool_router]
+impl CapsuleTools {
+    #[tool(
+        description = "Create a capsule: a small, isolated Linux microVM you can run commands in. Returns its id, name and state. It costs credits while running; terminate it when done."
+    )]
+    async fn create(&self, Parameters(a): Parameters<CreateArgs>) -> CallToolResult {
+        finish(
+            async {
+                let mut b = self.client()?.create(a.name);
+                if let Some(s) = a.size {
+                    b = b.size(s);
+                }
+                if let Some(s) = a.image {
+                    b = b.image(s);
+                }
+                if let Some(s) = a.credit_limit {
+                    b = b.credit_limit(s);
+                }
+                if let Some(s) = a.network {
+                    b = b.network(s);
+                }
+                if let Some(g) = a.disk_gib {
+                    b = b.disk_gib(g);
+                }
+                let h = b.await?;
+                Ok(match h.created() {
+                    Some(r) => record_summary(r),
+                    None => json!({ "id": h.target() }),
+                })
+            }
+            .await,
+        )
+    }
+
+    #[tool(description = "List your capsules (live ones unless include_terminated is true): name, id, state, size.")]
+    async fn list(&self, Parameters(a): Parameters<ListArgs>) -> CallToolResult {
+        finish(
+            async {
+                let opts = capsules_client::ListOptions {
+                    include_terminated: a.include_terminated.unwrap_or(false),
+                    ..Default::default()
+                };
+                let caps = self.client()?.list_with(opts).await?;
+                Ok(json!({ "capsules": caps.iter().map(record_summary).collect::<Vec<_>>() }))
+            }
+            .await,
+        )
+    }
+
+    #[tool(description = "Show one capsule: state, size, image, network policy, limits and public URL.")]
+    async fn status(&self, Parameters(a): Parameters<NameArgs>) -> CallToolResult {
+        finish(async { Ok(record_summary(&self.client()?.capsule(&a.name)?.status().await?)) }.await)
+    }
+
+    #[tool(
+        description = "Run a command in a capsule and wait for it. Give `argv` (e.g. [\"npm\",\"test\"]) or `shell` (run with sh -c). Returns exit_code, stdout and stderr. Each stream is capped at 16 KiB (16384 bytes): longer output keeps its first 8 KiB and last 8 KiB, and stdout_dropped_bytes / stderr_dropped_bytes say how many bytes were cut from the middle."
+    )]
+    async fn exec(&self, Parameters(a): Parameters<ExecArgs>) -> CallToolResult {
+        finish(
+            async {
+                let argv = match (a.argv, a.shell) {
+                    (Some(v), None) if !v.is_empty() => v,
+                    (None, Some(s)) => vec!["sh".to_owned(), "-c".to_owned(), s],
+                    _ => {
+                        return Err(capsules_core::Error::invalid_input(
+                            "give exactly one of `argv` (a non-empty array) or `shell` (a string)",
+                        ));
+                    }
+                };
+                let h = self.client()?.capsule(&a.name)?;
+                let mut b = h.exec(argv);
+                if let Some(c) = a.cwd {
+                    b = b.cwd(c);
+                }
+                for (k, v) in a.env.unwrap_or_default() {
+                    b = b.env(k, v);
+                }
+                if let Some(t) = a.timeout_secs {
+                    b = b.timeout(Duration::from_secs(t));
+                }
+                let out = b.await?;
+                let (stdout, so_dropped) = head_tail(&out.stdout, STREAM_CAP);
+                let (stderr, se_dropped) = head_tail(&out.stderr, STREAM_CAP);
+                Ok(json!({
+                    "exit_code": out.exit_code(),
+                    "stdout": stdout,
+                    "stderr": stderr,
+                    "stdout_bytes": out.stdout.len(),
+                    "stderr_bytes": out.stderr.len(),
+                    "stdout_dropped_bytes": so_dropped,
+                    "stderr_dropped_bytes": se_dropped,
+                }))
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "Write a file in a capsule (created or replaced). `content` is text, or base64 with encoding \"base64\" for any bytes. Returns the bytes written."
+    )]
+    async fn write_file(&self, Parameters(a): Parameters<WriteFileArgs>) -> CallToolResult {
+        finish(
+            async {
+                let data = match a.encoding.unwrap_or_default() {
+                    Encoding::Utf8 => a.content.into_bytes(),
+                    Encoding::Base64 => base64::engine::general_purpose::STANDARD
+                        .decode(a.content.trim())
+                        .map_err(|e| {
+                            capsules_core::Error::invalid_input(format!("`content` is not valid base64: {e}"))
+                        })?,
+                };
+                let n = self.client()?.capsule(&a.name)?.write_file(&a.path, data).await?;
+                Ok(json!({ "path": a.path, "bytes": n }))
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "Read a file from a capsule. encoding \"utf8\" (default) returns text (an error if the file is not UTF-8); \"base64\" returns any bytes as base64."
+    )]
+    async fn read_file(&self, Parameters(a): Parameters<ReadFileArgs>) -> CallToolResult {
+        finish(
+            async {
+                let data = self.client()?.capsule(&a.name)?.read_file(&a.path).await?;
+                let bytes = data.len();
+                let (content, encoding) = match a.encoding.unwrap_or_default() {
+                    Encoding::Utf8 => (
+                        String::from_utf8(data).map_err(|_| {
+                            capsules_core::Error::invalid_input(format!(
+                                "{} is not valid UTF-8; read it with encoding \"base64\"",
+                                a.path
+                            ))
+                        })?,
+                        "utf8",
+                    ),
+                    Encoding::Base64 => (base64::engine::general_purpose::STANDARD.encode(&data), "base64"),
+                };
+                Ok(json!({ "path": a.path, "bytes": bytes, "encoding": encoding, "content": content }))
+            }
+            .await,
+        )
+    }
+
+    #[tool(description = "List a directory in a capsule: name, kind (file/dir/symlink), size and mode of each entry.")]
+    async fn list_files(&self, Parameters(a): Parameters<ListFilesArgs>) -> CallToolResult {
+        finish(
+            async {
+                let path = a.path.unwrap_or_else(|| "/".to_owned());
+                let entries = self.client()?.capsule(&a.name)?.list_dir(&path).await?;
+                Ok(json!({ "path": path, "entries": to_json(&entries) }))
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "What a capsule has cost so far (compute, storage, traffic, total; micro-credits) and its credit limit; also the team's balance when your token may read billing."
+    )]
+    async fn usage(&self, Parameters(a): Parameters<NameArgs>) -> CallToolResult {
+        finish(
+            async {
+                let client = self.client()?;
+                let u = client.capsule(&a.name)?.usage().await?;
+                let mut v = json!({
+                    "name": to_json(&u.capsule.name),
+                    "state": to_json(&u.capsule.state),
+                    "usage": to_json(&u.usage),
+                    "limits": to_json(&u.capsule.limits),
+                });
+                // The team's balance needs billing:read; leave it out when the token lacks it.
+                match client.usage().await {
+                    Ok(t) => v["team_balance"] = to_json(&t.balance),
+                    Err(e) if e.kind() == capsules_core::ErrorKind::Unavailable => return Err(e),
+                    Err(_) => {}
+                }
+                Ok(v)
+            }
+            .await,
+        )
+    }
+
+    #[tool(description = "Put a capsule to sleep: it stops using compute (its disk is kept) until woken.")]
+    async fn sleep(&self, Parameters(a): Parameters<NameArgs>) -> CallToolResult {
+        finish(async { Ok(record_summary(&self.client()?.capsule(&a.name)?.sleep().await?)) }.await)
+    }
+
+    #[tool(description = "Wake a sleeping capsule.")]
+    async fn wake(&self, Parameters(a): Parameters<NameArgs>) -> CallToolResult {
+        finish(async { Ok(record_summary(&self.client()?.capsule(&a.name)?.wake().await?)) }.await)
+    }
+
+    #[tool(description = "Terminate a capsule for good: it stops and its disk is deleted. Idempotent.")]
+    async fn terminate(&self, Parameters(a): Parameters<NameArgs>) -> CallToolResult {
+        finish(async { Ok(record_summary(&self.client()?.capsule(&a.name)?.terminate().await?)) }.await)
+    }
+}
+
+#[tool_handler]
+impl ServerHandler for CapsuleTools {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
+            "Capsules: small, isolated Linux microVMs. Create one, run commands and move files in it, \
+             check its cost, and terminate it when done.",
+        )
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let url = std::env::var("CAPSULE_API").unwrap_or_else(|_| capsules_client::DEFAULT_API.to_owned());
+    let token = std::env::var("CAPSULE_TOKEN").unwrap_or_default();
+    let api = match Capsules::new(&url) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("capsule-mcp: CAPSULE_API={url}: {e}");
+            std::process::exit(2);
+        }
+    };
+    if token.is_empty() {
+        eprintln!("capsule-mcp: CAPSULE_TOKEN is not set; every tool call will fail to authenticate");
+    }
+    let service = match CapsuleTools::new(api, token).serve(rmcp::transport::stdio()).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("capsule-mcp: could not start the MCP session: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = service.waiting().await {
+        eprintln!("capsule-mcp: {e}");
+        std::process::exit(1);
+    }
+}
