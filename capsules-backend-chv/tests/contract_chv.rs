@@ -156,6 +156,11 @@ fn main() {
     if let Err(e) = rt.block_on(runner.finish()) {
         eprintln!("cleanup: {e}");
     }
+    // `exit()` runs no destructors: drop the backend and remove the state dir first.
+    drop(runner);
+    if let Err(e) = state.close() {
+        eprintln!("could not remove the state dir: {e}");
+    }
     conclusion.exit();
 }
 

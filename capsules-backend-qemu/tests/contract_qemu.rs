@@ -115,6 +115,12 @@ fn main() {
         eprintln!("cleanup: {e}");
     }
     leftovers(state.path());
+    // `exit()` runs no destructors: drop the backend and remove the state dir first.
+    drop(runner);
+    drop(backend);
+    if let Err(e) = state.close() {
+        eprintln!("could not remove the state dir: {e}");
+    }
     conclusion.exit();
 }
 

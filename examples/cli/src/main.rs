@@ -62,7 +62,7 @@ enum Cmd {
         /// Disk in GiB.
         #[arg(long)]
         disk: Option<u32>,
-        /// internet (default), none, allow:<cidr or domain>,...
+        /// `internet` (default), `none`, `allow:<cidr or domain>,...`
         #[arg(long)]
         network: Option<String>,
         /// e.g. 10m.

@@ -213,7 +213,6 @@ impl CapsuleTools {
             async {
                 let opts = capsules_client::ListOptions {
                     include_terminated: a.include_terminated.unwrap_or(false),
-                    ..Default::default()
                 };
                 let caps = self.client()?.list_with(opts).await?;
                 Ok(json!({ "capsules": caps.iter().map(record_summary).collect::<Vec<_>>() }))
@@ -405,5 +404,27 @@ async fn main() {
     if let Err(e) = service.waiting().await {
         eprintln!("capsule-mcp: {e}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_tail;
+
+    #[test]
+    fn short_output_is_kept_whole() {
+        assert_eq!(head_tail(b"hi\n", 16), ("hi\n".to_owned(), 0));
+        assert_eq!(head_tail(&[b'a'; 16], 16).1, 0);
+    }
+
+    #[test]
+    fn long_output_keeps_head_and_tail_and_counts_the_rest() {
+        let mut b = b"HEAD".to_vec();
+        b.extend([b'.'; 100]);
+        b.extend(b"TAIL");
+        let (s, dropped) = head_tail(&b, 8);
+        assert_eq!(dropped, 108 - 8);
+        assert!(s.starts_with("HEAD") && s.ends_with("TAIL"), "{s}");
+        assert!(s.contains("100 bytes dropped"), "{s}");
     }
 }

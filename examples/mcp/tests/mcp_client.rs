@@ -81,13 +81,13 @@ async fn run() -> Result<(), Failed> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
+    let mut server = Some(serve(capsules.clone(), listener).await);
     let api = capsules_client::Capsules::new(&url)?;
     let agent = api
         .tokens(&owner)
         .create(TokenSpec::new([Scope::AgentWrite]).prefix("agent-"))
         .await?
         .secret;
-    let mut server = Some(serve(capsules.clone(), listener).await);
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/client.py");
     let mut child = tokio::process::Command::new("python3")
@@ -142,7 +142,6 @@ async fn run() -> Result<(), Failed> {
     let all = owner_client
         .list_with(capsules_client::ListOptions {
             include_terminated: true,
-            ..Default::default()
         })
         .await?;
     let names: Vec<String> = all.iter().map(|r| r.name.as_str().to_owned()).collect();

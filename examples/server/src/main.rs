@@ -239,6 +239,13 @@ async fn run(args: Args) -> Result<()> {
     }
     let _jobs = capsules.spawn_jobs(Duration::from_secs(args.tick_secs.max(1)));
     println!("capsules-server: listening on http://{} (backend {kind:?})", addr);
+    // Streamed responses (exec output) go out at once instead of waiting on delayed ACKs.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("could not set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, capsules_server::app(capsules))
         .with_graceful_shutdown(shutdown_signal())
         .await
