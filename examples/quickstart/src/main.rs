@@ -3,7 +3,8 @@
 //! `cargo run -p quickstart [-- --backend mock]`: bootstraps a team, mints an `agent:write` token
 //! with prefix `agent-`, creates `agent-pr-482` (2x2gb, credit limit 2.00), uploads
 //! `examples/quickstart/project` into `/workspace`, runs `npm test`, terminates, and prints the
-//! usage trail and the ledger. Backend selection lives in [`backend`] only (mock for now).
+//! usage trail and the ledger. Backend selection lives in [`backend`] only: `qemu` (a real microVM;
+//! the default when `qemu-system-x86_64` is installed and we run as root) or `mock`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,8 +16,14 @@ use capsules_core::{Capsules, MemoryStore, Scope, TokenSpec};
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Picks the backend named on the command line. The only place that knows backends.
-fn backend(name: &str) -> Result<(Arc<dyn Backend>, &'static str), Error> {
+async fn backend(name: &str) -> Result<(Arc<dyn Backend>, &'static str), Error> {
     match name {
+        "qemu" => {
+            // Capsule state in CAPSULES_STATE_DIR (default /var/lib/capsules), guest assets in
+            // CAPSULES_ASSET_DIR (default /var/cache/capsules, built on first use: a few minutes).
+            let b = capsules_backend_qemu::backend_from_env().await?;
+            Ok((Arc::new(b), "qemu (a real microVM)"))
+        }
         "mock" => {
             let mock = MockBackend::new();
             // The mock has no Node: script `npm test` so the flow runs end to end, and say so.
@@ -35,7 +42,7 @@ fn backend(name: &str) -> Result<(Arc<dyn Backend>, &'static str), Error> {
                 "mock (in-memory simulation; `npm test` output is scripted)",
             ))
         }
-        other => Err(format!("backend {other:?} is not available yet; use --backend mock").into()),
+        other => Err(format!("backend {other:?} is not known; use --backend qemu or --backend mock").into()),
     }
 }
 
@@ -53,14 +60,26 @@ async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
     let name = match args.iter().position(|a| a == "--backend") {
         Some(i) => args.get(i + 1).map(String::as_str).ok_or("--backend needs a name")?,
-        None => "mock",
+        None if default_is_qemu() => "qemu",
+        None => {
+            eprintln!("quickstart: QEMU is not installed or we are not root: using the mock backend (no VM)");
+            "mock"
+        }
     };
     run(name).await
 }
 
+/// QEMU is installed and we may create taps and nftables rules.
+fn default_is_qemu() -> bool {
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
+    // SAFETY: geteuid has no preconditions.
+    on_path && unsafe { libc::geteuid() } == 0
+}
+
 /// The quickstart on the backend named `name`.
 async fn run(name: &str) -> Result<(), Error> {
-    let (backend, what) = backend(name)?;
+    let (backend, what) = backend(name).await?;
     println!("backend: {what}");
 
     let capsules = Capsules::builder()
