@@ -279,7 +279,23 @@ impl Inner {
             CapsuleRef::Name(n) => self.store.capsule_by_name(team, n, fallback).await?,
             CapsuleRef::Id(id) => self.store.capsule(id).await?.filter(|c| &c.team == team),
         };
-        let rec = rec.ok_or_else(|| Error::not_found(format!("capsule {target} does not exist")))?;
+        let rec = match rec {
+            Some(r) => r,
+            None => {
+                // Say why a name that did exist is gone from calls that need a live capsule.
+                let terminated = match (target, fallback) {
+                    (CapsuleRef::Name(n), false) => self.store.capsule_by_name(team, n, true).await?.is_some(),
+                    _ => false,
+                };
+                return Err(Error::not_found(if terminated {
+                    format!(
+                        "capsule {target} was terminated; no live capsule has that name (create it again to reuse it)"
+                    )
+                } else {
+                    format!("capsule {target} does not exist")
+                }));
+            }
+        };
         tracing::Span::current().record("capsule", tracing::field::display(&rec.id));
         Ok(rec)
     }

@@ -214,6 +214,11 @@ impl Ctx {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // `capsule list | head` ends quietly when the reader goes away, like other Unix tools.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread writes.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let api = match Capsules::new(&cli.api) {
         Ok(a) => a,

@@ -373,10 +373,15 @@ impl CapsuleTools {
 #[tool_handler]
 impl ServerHandler for CapsuleTools {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
-            "Capsules: small, isolated Linux microVMs. Create one, run commands and move files in it, \
+        let mut me = rmcp::model::Implementation::from_build_env();
+        me.name = "capsule-mcp".to_owned();
+        me.version = env!("CARGO_PKG_VERSION").to_owned();
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(me)
+            .with_instructions(
+                "Capsules: small, isolated Linux microVMs. Create one, run commands and move files in it, \
              check its cost, and terminate it when done.",
-        )
+            )
     }
 }
 

@@ -30,7 +30,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Bearer {
         let v = v
             .to_str()
             .map_err(|_| capsules_core::Error::unauthenticated("the Authorization header is not text"))?;
-        match v.strip_prefix("Bearer ").map(str::trim) {
+        // Auth schemes are case-insensitive (RFC 9110 §11.1).
+        let token = v
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim());
+        match token {
             Some(t) if !t.is_empty() => Ok(Bearer(t.to_owned())),
             _ => Err(capsules_core::Error::unauthenticated("the Authorization header must be Bearer cap_...").into()),
         }
