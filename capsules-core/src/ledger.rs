@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::records::CapsuleRecord;
-use crate::types::{CapsuleId, MicroCredits, RateCard, TeamId};
+use crate::types::{CapsuleId, MicroCredits, RateCard, Size, TeamCaps, TeamId};
 
 pub const MINUTE_MS: i64 = 60_000;
 pub const HOUR_MS: i64 = 3_600_000;
@@ -429,6 +429,56 @@ impl Usage {
         }
         Ok(u)
     }
+}
+
+/// The team caps for starting one more capsule of `size` (and, on create, `new_disk` GiB more
+/// storage), given the team's `capsules` (the one being started, `except`, is not counted). Every
+/// store runs this inside the atomic step that starts compute, on the rows it read.
+pub fn check_team_caps<'a>(
+    caps: TeamCaps,
+    capsules: impl IntoIterator<Item = &'a CapsuleRecord>,
+    size: Size,
+    new_disk: Option<u32>,
+    except: Option<&CapsuleId>,
+) -> Result<()> {
+    if size > caps.max_size {
+        return Err(Error::limit_exceeded(format!(
+            "size {size} is above the team's max size {}",
+            caps.max_size
+        )));
+    }
+    let (mut running, mut vcpus, mut disk) = (0u32, 0u32, 0u32);
+    for c in capsules.into_iter().filter(|c| Some(&c.id) != except) {
+        if c.state.is_running() {
+            running += 1;
+            vcpus += c.size.vcpus();
+        }
+        if c.state.is_live() {
+            disk += c.disk_gib;
+        }
+    }
+    if running + 1 > caps.max_running {
+        return Err(Error::limit_exceeded(format!(
+            "the team cap of {} running capsules is reached",
+            caps.max_running
+        )));
+    }
+    if vcpus + size.vcpus() > caps.max_vcpus {
+        return Err(Error::limit_exceeded(format!(
+            "the team cap of {} running vCPUs is reached ({vcpus} running, this one needs {})",
+            caps.max_vcpus,
+            size.vcpus()
+        )));
+    }
+    if let Some(d) = new_disk
+        && disk + d > caps.max_storage_gib
+    {
+        return Err(Error::limit_exceeded(format!(
+            "the team cap of {} GiB of storage is reached ({disk} GiB allocated, this one needs {d})",
+            caps.max_storage_gib
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

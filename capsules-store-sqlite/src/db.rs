@@ -534,49 +534,7 @@ impl<'a> Tx<'a> {
         let t = self
             .team(team)?
             .ok_or_else(|| Error::not_found(format!("team {team} does not exist")))?;
-        let caps = t.caps;
-        if size > caps.max_size {
-            return Err(Error::limit_exceeded(format!(
-                "size {size} is above the team's max size {}",
-                caps.max_size
-            )));
-        }
-        let mut running = 0u32;
-        let mut vcpus = 0u32;
-        let mut disk = 0u32;
-        for c in self.team_capsules(team, false)? {
-            if Some(&c.id) == except {
-                continue;
-            }
-            if c.state.is_running() {
-                running += 1;
-                vcpus += c.size.vcpus();
-            }
-            if c.state.is_live() {
-                disk += c.disk_gib;
-            }
-        }
-        if running + 1 > caps.max_running {
-            return Err(Error::limit_exceeded(format!(
-                "the team cap of {} running capsules is reached",
-                caps.max_running
-            )));
-        }
-        if vcpus + size.vcpus() > caps.max_vcpus {
-            return Err(Error::limit_exceeded(format!(
-                "the team cap of {} running vCPUs is reached ({vcpus} running, this one needs {})",
-                caps.max_vcpus,
-                size.vcpus()
-            )));
-        }
-        if let Some(d) = new_disk
-            && disk + d > caps.max_storage_gib
-        {
-            return Err(Error::limit_exceeded(format!(
-                "the team cap of {} GiB of storage is reached ({disk} GiB allocated, this one needs {d})",
-                caps.max_storage_gib
-            )));
-        }
-        Ok(())
+        let capsules = self.team_capsules(team, false)?;
+        capsules_core::ledger::check_team_caps(t.caps, &capsules, size, new_disk, except)
     }
 }
