@@ -21,8 +21,12 @@ if [ "${CAPSULES_SKIP_SETUP:-0}" != 1 ]; then
   fi
 fi
 
-echo "quickstart: building capsules-server and capsule"
-cargo build -q -p capsules-server -p capsules-cli
+# Built outside the private network namespace (cargo may need crates.io); the re-exec inside it
+# skips the build.
+if [ -z "${CAPSULES_QUICKSTART_IN_NETNS:-}" ]; then
+  echo "quickstart: building capsules-server and capsule"
+  cargo build -q -p capsules-server -p capsules-cli
+fi
 target="${CARGO_TARGET_DIR:-$repo/target}"
 bin="$target/debug"
 [ -x "$bin/capsules-server" ] && [ -x "$bin/capsule" ] || { echo "quickstart: binaries not found in $bin" >&2; exit 1; }

@@ -22,21 +22,6 @@ use futures::StreamExt;
 
 type B = MicroVmBackend<QemuVmm>;
 
-fn prerequisites() -> Result<(), String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Err("needs root (taps, nftables, the VMM user)".into());
-    }
-    for bin in ["qemu-system-x86_64", "nft", "ip"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).exists()))
-            .unwrap_or(false);
-        if !found {
-            return Err(format!("{bin} is not installed"));
-        }
-    }
-    Ok(())
-}
-
 static N: AtomicU32 = AtomicU32::new(0);
 
 fn spec() -> CapsuleSpec {
@@ -91,7 +76,7 @@ async fn setup(state: &std::path::Path) -> Result<B, String> {
 }
 
 fn main() {
-    if let Err(why) = prerequisites() {
+    if let Err(why) = capsules_microvm::testing::check_prerequisites(capsules_microvm::testing::QEMU_TOOLS) {
         eprintln!("microvm benches skipped: {why}");
         return;
     }

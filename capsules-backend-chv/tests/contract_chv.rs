@@ -22,29 +22,15 @@ use capsules_core::testkit::backend::{Runner, SpawnEchoServer, cases};
 use capsules_microvm::assets::{AssetBuilder, BaseImage, Progress};
 use capsules_microvm::backend::MicroVmBackend;
 use capsules_microvm::net::{NetConfig, Network};
+use capsules_microvm::testing::{PERL_TCP_ECHO_ARGV, check_prerequisites, on_path};
 use capsules_microvm::vmm::{Vmm, VmmError};
 use libtest_mimic::{Arguments, Failed, Trial};
 
-/// A TCP echo server with what a Debian minbase image has: perl-base's IO::Socket::INET.
-const ECHO: &str = r#"use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => $ARGV[0], Listen => 16, ReuseAddr => 1) or die "listen: $!"; $SIG{CHLD} = "IGNORE"; while (my $c = $s->accept) { if (!fork) { my $b; while (sysread($c, $b, 65536)) { syswrite($c, $b) } exit } close $c }"#;
-
-fn on_path(bin: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).exists()))
-}
-
 fn prerequisites() -> Result<(), String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Err("needs root (taps, nftables, the VMM user)".into());
-    }
     if std::env::var_os("CAPSULES_CH_BIN").is_none() && !on_path("cloud-hypervisor") {
         return Err("Cloud Hypervisor not found: set CAPSULES_CH_BIN or put cloud-hypervisor on PATH".into());
     }
-    for (bin, pkg) in [("nft", "nftables"), ("ip", "iproute2")] {
-        if !on_path(bin) {
-            return Err(format!("{bin} is not installed (apt-get install {pkg})"));
-        }
-    }
-    Ok(())
+    check_prerequisites(&[("nft", "nftables"), ("ip", "iproute2")])
 }
 
 fn main() {
@@ -131,7 +117,7 @@ fn main() {
         Ok(b) => Arc::new(b),
         Err(why) => libtest_mimic::run(&args, ignore_all(&why)).exit(),
     };
-    let echo = SpawnEchoServer::new(["perl", "-e", ECHO, "{port}"]);
+    let echo = SpawnEchoServer::new(PERL_TCP_ECHO_ARGV);
     let runner = Arc::new(Runner::new(backend, Arc::new(echo)).share_capsule(true));
     let mut trials: Vec<Trial> = cases()
         .into_iter()

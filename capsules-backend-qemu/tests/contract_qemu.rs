@@ -15,29 +15,8 @@ use capsules_core::testkit::backend::{Runner, SpawnEchoServer, cases};
 use capsules_microvm::assets::{AssetBuilder, BaseImage, Progress};
 use capsules_microvm::backend::MicroVmBackend;
 use capsules_microvm::net::{NetConfig, Network};
+use capsules_microvm::testing::{PERL_TCP_ECHO_ARGV, QEMU_TOOLS, check_prerequisites};
 use libtest_mimic::{Arguments, Failed, Trial};
-
-/// A TCP echo server with what a Debian minbase image has: perl-base's IO::Socket::INET.
-const ECHO: &str = r#"use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => $ARGV[0], Listen => 16, ReuseAddr => 1) or die "listen: $!"; $SIG{CHLD} = "IGNORE"; while (my $c = $s->accept) { if (!fork) { my $b; while (sysread($c, $b, 65536)) { syswrite($c, $b) } exit } close $c }"#;
-
-fn prerequisites() -> Result<(), String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Err("needs root (taps, nftables, the VMM user)".into());
-    }
-    for (bin, pkg) in [
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("nft", "nftables"),
-        ("ip", "iproute2"),
-    ] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).exists()))
-            .unwrap_or(false);
-        if !found {
-            return Err(format!("{bin} is not installed (apt-get install {pkg})"));
-        }
-    }
-    Ok(())
-}
 
 fn main() {
     let mut args = Arguments::from_args();
@@ -53,7 +32,7 @@ fn main() {
             })
             .collect()
     };
-    if let Err(why) = prerequisites() {
+    if let Err(why) = check_prerequisites(QEMU_TOOLS) {
         libtest_mimic::run(&args, ignore_all(why)).exit();
     }
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
@@ -93,7 +72,7 @@ fn main() {
         Err(why) => libtest_mimic::run(&args, ignore_all(why)).exit(),
     };
     eprintln!("backend: {:?}", backend.info());
-    let echo = SpawnEchoServer::new(["perl", "-e", ECHO, "{port}"]);
+    let echo = SpawnEchoServer::new(PERL_TCP_ECHO_ARGV);
     let runner = Arc::new(Runner::new(backend.clone(), Arc::new(echo)).share_capsule(true));
 
     let trials = cases()

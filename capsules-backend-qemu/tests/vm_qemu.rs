@@ -47,25 +47,6 @@ macro_rules! ensure {
     };
 }
 
-fn prerequisites() -> Result<(), String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Err("needs root (taps, nftables, the VMM user)".into());
-    }
-    for (bin, pkg) in [
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("nft", "nftables"),
-        ("ip", "iproute2"),
-    ] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).exists()))
-            .unwrap_or(false);
-        if !found {
-            return Err(format!("{bin} is not installed (apt-get install {pkg})"));
-        }
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------- host helpers
 
 /// Runs a command on the host (in the calling thread's namespace).
@@ -831,7 +812,7 @@ fn main() {
             .map(|n| Trial::test(n, || Ok(())).with_ignored_flag(true).with_kind(why.clone()))
             .collect()
     };
-    if let Err(why) = prerequisites() {
+    if let Err(why) = capsules_microvm::testing::check_prerequisites(capsules_microvm::testing::QEMU_TOOLS) {
         libtest_mimic::run(&args, ignore_all(why)).exit();
     }
     unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");

@@ -5,4 +5,5 @@
 pub mod assets;
 pub mod backend;
 pub mod net;
+pub mod testing;
 pub mod vmm;
