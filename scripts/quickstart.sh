@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Capsules quickstart, end to end: installs what is missing, builds the server and the
 # `capsule` CLI, starts the server on a free loopback port with a fresh state directory, and runs
-# the five quickstart commands exactly as the README shows them, printing each before it runs.
+# the quickstart's `capsule` commands exactly as the README shows them, printing each before it runs.
 #
 #   CAPSULES_BACKEND=mock|qemu|chv   passed to the server as --backend (default: the server chooses)
 #   CAPSULES_SKIP_SETUP=1            do not run scripts/setup.sh

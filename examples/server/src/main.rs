@@ -176,6 +176,7 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let backend = make_backend(kind, &args.state_dir, args.network).await?;
+    let info = backend.info();
     let builder = Capsules::builder().backend(backend);
     let capsules = match args.store {
         StoreKind::Memory => {
@@ -238,7 +239,10 @@ async fn run(args: Args) -> Result<()> {
         Err(e) => return Err(e),
     }
     let _jobs = capsules.spawn_jobs(Duration::from_secs(args.tick_secs.max(1)));
-    println!("capsules-server: listening on http://{} (backend {kind:?})", addr);
+    println!(
+        "capsules-server: listening on http://{addr} (backend {}, accelerator {})",
+        info.name, info.accelerator
+    );
     // Streamed responses (exec output) go out at once instead of waiting on delayed ACKs.
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
