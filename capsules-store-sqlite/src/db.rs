@@ -1,9 +1,8 @@
 //! Row access inside one transaction: the SQL counterparts of the memory store's helpers.
 
 use capsules_core::events::{Event, EventKind, NewEvent};
-use capsules_core::ledger::{Charge, EntryKind, LedgerEntry, NewEntry};
+use capsules_core::ledger::{EntryKind, LedgerEntry, NewEntry};
 use capsules_core::records::{CapsuleRecord, TeamRecord};
-use capsules_core::state::CapsuleState;
 use capsules_core::tokens::TokenRecord;
 use capsules_core::types::{CapsuleId, MicroCredits, Size, TeamId, TokenId};
 use capsules_core::{Error, Result};
@@ -146,46 +145,6 @@ impl<'a> Tx<'a> {
         self.entries_where("capsule = ?1", capsule.as_str())
     }
 
-    /// Appends charges as entries and `charged` events; notes a balance going below zero.
-    pub(crate) fn apply_charges(
-        &self,
-        rec: &CapsuleRecord,
-        charges: &[Charge],
-        token: Option<&TokenId>,
-    ) -> Result<MicroCredits> {
-        let was_negative = self.balance(&rec.team)?.is_negative();
-        let mut total = MicroCredits::ZERO;
-        for c in charges {
-            self.push_entry(c.entry(rec))?;
-            total = total.checked_add(c.cost)?;
-            self.push_event(
-                NewEvent::new(
-                    c.at_ms,
-                    EventKind::Charged {
-                        what: c.kind.as_str().to_owned(),
-                        quantity: c.quantity,
-                        amount: c.cost,
-                    },
-                )
-                .team(&rec.team)
-                .capsule(&rec.id)
-                .token(token),
-            )?;
-        }
-        let bal = self.balance(&rec.team)?;
-        if bal.is_negative()
-            && !was_negative
-            && let Some(last) = charges.last()
-        {
-            self.push_event(
-                NewEvent::new(last.at_ms, EventKind::InsufficientCredits { balance: bal })
-                    .team(&rec.team)
-                    .capsule(&rec.id),
-            )?;
-        }
-        Ok(total)
-    }
-
     // ---- events -------------------------------------------------------------------------
 
     pub(crate) fn push_event(&self, e: NewEvent) -> Result<Event> {
@@ -226,31 +185,6 @@ impl<'a> Tx<'a> {
                 })
             })
             .collect()
-    }
-
-    pub(crate) fn state_event(
-        &self,
-        rec: &CapsuleRecord,
-        from: CapsuleState,
-        reason: &str,
-        at: i64,
-        token: Option<&TokenId>,
-    ) -> Result<()> {
-        self.push_event(
-            NewEvent::new(
-                at,
-                EventKind::StateChanged {
-                    from,
-                    to: rec.state,
-                    reason: reason.to_owned(),
-                },
-            )
-            .team(&rec.team)
-            .capsule(&rec.id)
-            .token(token),
-        )?;
-        self.push_entry(NewEntry::lifecycle(at, rec, rec.state.as_str()))?;
-        Ok(())
     }
 
     // ---- tokens -------------------------------------------------------------------------

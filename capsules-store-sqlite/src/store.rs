@@ -1,18 +1,20 @@
-//! The store traits over [`Tx`]: each method is one transaction running the memory store's logic.
+//! The store traits over [`Tx`]: each method is one transaction; the capsule steps are
+//! [`capsules_core::store::steps`], the same code the memory store runs.
 
 use async_trait::async_trait;
 use capsules_core::events::{Event, EventKind, NewEvent};
-use capsules_core::ledger::{self, EntryKind, LedgerEntry, NewEntry, StopReason};
-use capsules_core::records::{CapsulePatch, CapsuleRecord, MeterState, NewCapsule, TeamRecord};
-use capsules_core::state::{self, CapsuleState, Operation, Outcome};
+use capsules_core::ledger::{LedgerEntry, NewEntry};
+use capsules_core::records::{CapsulePatch, CapsuleRecord, NewCapsule, TeamRecord};
+use capsules_core::state::CapsuleState;
+use capsules_core::store::steps::{self, StepTx};
 use capsules_core::store::{
     CapsuleStore, EndKind, EventLog, Ledger, MeterReport, Observed, StartKind, TokenStore, Transition,
 };
 use capsules_core::tokens::TokenRecord;
 use capsules_core::types::{
-    CapsuleId, CapsuleName, MicroCredits, PublicUrl, RateCard, TeamCaps, TeamId, TeamName, TokenId,
+    CapsuleId, CapsuleName, MicroCredits, PublicUrl, RateCard, Size, TeamCaps, TeamId, TeamName, TokenId,
 };
-use capsules_core::{Error, ErrorKind, Result};
+use capsules_core::{Error, Result};
 
 use crate::SqliteStore;
 use crate::db::Tx;
@@ -175,134 +177,78 @@ impl Ledger for SqliteStore {
     }
 }
 
-fn free_name(rec: &mut CapsuleRecord, now_ms: i64) {
-    // The name and the host label are freed by the row's state (`terminated`): the partial
-    // unique indexes cover live capsules only; `put` stamps the termination order.
-    rec.terminated_at_ms = Some(now_ms);
+/// The steps' view of one transaction.
+impl StepTx for &Tx<'_> {
+    fn get(&mut self, id: &CapsuleId) -> Result<CapsuleRecord> {
+        Tx::get(self, id)
+    }
+
+    fn put(&mut self, rec: &CapsuleRecord) -> Result<()> {
+        Tx::put(self, rec)
+    }
+
+    fn id_taken(&mut self, id: &CapsuleId) -> Result<bool> {
+        Ok(self.find(id)?.is_some())
+    }
+
+    fn name_taken(&mut self, team: &TeamId, name: &CapsuleName) -> Result<bool> {
+        Ok(self.live_by_name(team, name.as_str())?.is_some())
+    }
+
+    fn reserve(&mut self, rec: &CapsuleRecord) -> Result<()> {
+        // The row first: the name is reserved by the partial unique index from here on.
+        Tx::put(self, rec)
+    }
+
+    fn release(&mut self, _rec: &CapsuleRecord) -> Result<()> {
+        // The name and the host label are freed by the row's state (`terminated`): the partial
+        // unique indexes cover live capsules only; `put` stamps the termination order.
+        Ok(())
+    }
+
+    fn label_owner(&mut self, label: &str) -> Result<Option<CapsuleId>> {
+        Ok(Tx::label_owner(self, label)?.map(|c| c.id))
+    }
+
+    fn claim_label(&mut self, _label: &str, _id: &CapsuleId) -> Result<()> {
+        // The label is a column of the row `put` writes.
+        Ok(())
+    }
+
+    fn balance(&mut self, team: &TeamId) -> Result<MicroCredits> {
+        Tx::balance(self, team)
+    }
+
+    fn check_caps(
+        &mut self,
+        team: &TeamId,
+        size: Size,
+        new_disk: Option<u32>,
+        except: Option<&CapsuleId>,
+    ) -> Result<()> {
+        Tx::check_caps(self, team, size, new_disk, except)
+    }
+
+    fn push_entry(&mut self, e: NewEntry) -> Result<LedgerEntry> {
+        Tx::push_entry(self, e)
+    }
+
+    fn push_event(&mut self, e: NewEvent) -> Result<Event> {
+        Tx::push_event(self, e)
+    }
+
+    fn capsule_entries(&mut self, id: &CapsuleId) -> Result<Vec<LedgerEntry>> {
+        Tx::capsule_entries(self, id)
+    }
 }
 
-fn meter_tx(
-    t: &Tx<'_>,
-    rec: &mut CapsuleRecord,
-    now_ms: i64,
-    rates: &RateCard,
-    idle_deadline_ms: Option<i64>,
-    enforce: bool,
-) -> Result<MeterReport> {
-    if !rec.state.is_live() || rec.state == CapsuleState::Terminating {
-        return Ok(MeterReport {
-            record: rec.clone(),
-            charged: MicroCredits::ZERO,
-            stopped: None,
-        });
-    }
-    let balance = t.balance(&rec.team)?;
-    let running = rec.state == CapsuleState::Running;
-    let idle = if running { idle_deadline_ms } else { None };
-    let m = ledger::meter_run(rec, now_ms, rates, balance, idle, enforce)?;
-    let charged = t.apply_charges(rec, &m.charges, None)?;
-    let mut stopped = None;
-    if let Some((at, why)) = m.stop {
-        let from = rec.state;
-        rec.state = CapsuleState::Suspending;
-        rec.state_reason = why.as_str().to_owned();
-        let detail = match why {
-            StopReason::CreditLimit => format!(
-                "credit limit {} reached (spent {})",
-                rec.limits.credit_limit, rec.meter.spent
-            ),
-            StopReason::InsufficientCredits => {
-                format!("team balance {} cannot pay the next minute", t.balance(&rec.team)?)
-            }
-            StopReason::RuntimeLimit => format!("max runtime of {} min reached", rec.limits.max_runtime_ms / 60_000),
-            StopReason::Idle => format!("no activity for {} s", rec.limits.idle_timeout_ms / 1000),
-        };
-        t.push_event(
-            NewEvent::new(
-                at,
-                EventKind::LimitReached {
-                    limit: why.as_str().to_owned(),
-                    detail,
-                },
-            )
-            .team(&rec.team)
-            .capsule(&rec.id),
-        )?;
-        t.state_event(rec, from, why.as_str(), at, None)?;
-        stopped = Some(why);
-    }
-    t.put(rec)?;
-    Ok(MeterReport {
-        record: rec.clone(),
-        charged,
-        stopped,
-    })
-}
-
+/// Every capsule step is one transaction running [`steps`].
 #[async_trait]
 impl CapsuleStore for SqliteStore {
     async fn create_capsule(&self, new: NewCapsule, rates: &RateCard, token: Option<TokenId>) -> Result<CapsuleRecord> {
         let rates = *rates;
-        self.tx(move |t| {
-            if t.live_by_name(&new.team, new.name.as_str())?.is_some() {
-                return Err(Error::already_exists(format!(
-                    "a capsule named {} exists in this team",
-                    new.name
-                )));
-            }
-            if t.find(&new.id)?.is_some() {
-                return Err(Error::already_exists(format!("capsule id {} exists", new.id)));
-            }
-            t.check_caps(&new.team, new.size, Some(new.disk_gib), None)?;
-            let mut rec = CapsuleRecord {
-                id: new.id,
-                team: new.team,
-                name: new.name,
-                size: new.size,
-                image: new.image,
-                region: new.region,
-                disk_gib: new.disk_gib,
-                network: new.network,
-                limits: new.limits,
-                url: None,
-                host_label: None,
-                state: CapsuleState::Creating,
-                state_reason: "requested".into(),
-                created_by: new.created_by,
-                created_at_ms: new.now_ms,
-                terminated_at_ms: None,
-                meter: MeterState::default(),
-            };
-            let balance = t.balance(&rec.team)?;
-            ledger::check_start(&rec, new.now_ms, &rates, balance)?;
-            let m = ledger::start_run(&mut rec, new.now_ms, &rates, balance)?;
-            if m.stop.is_some() {
-                return Err(Error::internal(
-                    "the first minute was refused after the start check passed",
-                ));
-            }
-            // The row first: the name is reserved by the partial unique index from here on.
-            t.put(&rec)?;
-            t.push_event(
-                NewEvent::new(
-                    new.now_ms,
-                    EventKind::Created {
-                        name: rec.name.to_string(),
-                        size: rec.size.to_string(),
-                        image: rec.image.to_string(),
-                        disk_gib: rec.disk_gib,
-                    },
-                )
-                .team(&rec.team)
-                .capsule(&rec.id)
-                .token(token.as_ref()),
-            )?;
-            t.push_entry(NewEntry::lifecycle(new.now_ms, &rec, "creating"))?;
-            t.apply_charges(&rec, &m.charges, token.as_ref())?;
-            t.put(&rec)?;
-            Ok(rec)
-        })
-        .await
+        self.tx(move |mut t| steps::create_capsule(&mut t, new, &rates, token.as_ref()))
+            .await
     }
 
     async fn capsule(&self, id: &CapsuleId) -> Result<Option<CapsuleRecord>> {
@@ -350,76 +296,9 @@ impl CapsuleStore for SqliteStore {
     ) -> Result<Transition> {
         let (id, rates) = (id.clone(), *rates);
         // The outer result rolls back; the inner one is the answer (a refused start commits its
-        // `limit_reached` event, as the memory store keeps it).
-        self.tx(move |t| -> Result<Result<Transition>> {
-            let mut rec = t.get(&id)?;
-            let op = match kind {
-                StartKind::Wake => Operation::Wake,
-                StartKind::Restart => Operation::Restart,
-            };
-            let from = rec.state;
-            match state::refusal(from, op, rec.name.as_str())? {
-                Outcome::Start => {}
-                Outcome::Noop => {
-                    return Ok(Ok(Transition {
-                        record: rec,
-                        began: false,
-                    }));
-                }
-                _ => {
-                    return Err(Error::unavailable(format!(
-                        "capsule {} is {from}; retry once it has settled",
-                        rec.name
-                    )));
-                }
-            }
-            if from == CapsuleState::Running {
-                return Ok(Ok(Transition {
-                    record: rec,
-                    began: true,
-                }));
-            }
-            let balance = t.balance(&rec.team)?;
-            let checks = t
-                .check_caps(&rec.team, rec.size, None, Some(&rec.id))
-                .and_then(|_| ledger::check_start(&rec, now_ms, &rates, balance));
-            if let Err(e) = checks {
-                if e.kind() == ErrorKind::Internal || e.kind() == ErrorKind::Unavailable {
-                    return Err(e);
-                }
-                let limit = match e.kind() {
-                    ErrorKind::InsufficientCredits => "insufficient_credits",
-                    _ => "limit",
-                };
-                t.push_event(
-                    NewEvent::new(
-                        now_ms,
-                        EventKind::LimitReached {
-                            limit: limit.into(),
-                            detail: e.message().to_owned(),
-                        },
-                    )
-                    .team(&rec.team)
-                    .capsule(&rec.id)
-                    .token(token.as_ref()),
-                )?;
-                return Ok(Err(e));
-            }
-            let m = ledger::start_run(&mut rec, now_ms, &rates, balance)?;
-            rec.state = CapsuleState::Waking;
-            rec.state_reason = match kind {
-                StartKind::Wake => "wake".into(),
-                StartKind::Restart => "restart".into(),
-            };
-            t.state_event(&rec, from, &rec.state_reason.clone(), now_ms, token.as_ref())?;
-            t.apply_charges(&rec, &m.charges, token.as_ref())?;
-            t.put(&rec)?;
-            Ok(Ok(Transition {
-                record: rec,
-                began: true,
-            }))
-        })
-        .await?
+        // `limit_reached` event).
+        self.tx(move |mut t| steps::begin_start(&mut t, &id, kind, now_ms, &rates, token.as_ref()))
+            .await?
     }
 
     async fn end_run(
@@ -432,37 +311,8 @@ impl CapsuleStore for SqliteStore {
         token: Option<TokenId>,
     ) -> Result<Transition> {
         let (id, rates, reason) = (id.clone(), *rates, reason.to_owned());
-        self.tx(move |t| {
-            let mut rec = t.get(&id)?;
-            let from = rec.state;
-            let (op, to) = match kind {
-                EndKind::Sleep => (Operation::Sleep, CapsuleState::Suspending),
-                EndKind::Terminate => (Operation::Terminate, CapsuleState::Terminating),
-            };
-            match state::refusal(from, op, rec.name.as_str())? {
-                Outcome::Start => {}
-                _ => {
-                    return Ok(Transition {
-                        record: rec,
-                        began: false,
-                    });
-                }
-            }
-            let charges = match kind {
-                EndKind::Sleep => ledger::settle_run(&mut rec, now_ms, &rates)?,
-                EndKind::Terminate => ledger::settle_terminate(&mut rec, now_ms, &rates)?,
-            };
-            rec.state = to;
-            rec.state_reason = reason.clone();
-            t.apply_charges(&rec, &charges, token.as_ref())?;
-            t.state_event(&rec, from, &reason, now_ms, token.as_ref())?;
-            t.put(&rec)?;
-            Ok(Transition {
-                record: rec,
-                began: true,
-            })
-        })
-        .await
+        self.tx(move |mut t| steps::end_run(&mut t, &id, kind, &reason, now_ms, &rates, token.as_ref()))
+            .await
     }
 
     async fn meter(
@@ -474,11 +324,8 @@ impl CapsuleStore for SqliteStore {
         enforce: bool,
     ) -> Result<MeterReport> {
         let (id, rates) = (id.clone(), *rates);
-        self.tx(move |t| {
-            let mut rec = t.get(&id)?;
-            meter_tx(t, &mut rec, now_ms, &rates, idle_deadline_ms, enforce)
-        })
-        .await
+        self.tx(move |mut t| steps::meter(&mut t, &id, now_ms, &rates, idle_deadline_ms, enforce))
+            .await
     }
 
     async fn finish_transition(
@@ -490,126 +337,31 @@ impl CapsuleStore for SqliteStore {
         now_ms: i64,
     ) -> Result<CapsuleRecord> {
         let (id, reason) = (id.clone(), reason.to_owned());
-        self.tx(move |t| {
-            let mut rec = t.get(&id)?;
-            if rec.state != from {
-                return Err(Error::conflict(format!(
-                    "capsule {} is {}, not {from}; it changed state meanwhile",
-                    rec.name, rec.state
-                )));
-            }
-            rec.state = to;
-            rec.state_reason = reason.clone();
-            if to == CapsuleState::Terminated {
-                free_name(&mut rec, now_ms);
-            }
-            t.state_event(&rec, from, &reason, now_ms, None)?;
-            t.put(&rec)?;
-            Ok(rec)
-        })
-        .await
+        self.tx(move |mut t| steps::finish_transition(&mut t, &id, from, to, &reason, now_ms))
+            .await
     }
 
     async fn abort_start(&self, id: &CapsuleId, to: CapsuleState, reason: &str, now_ms: i64) -> Result<CapsuleRecord> {
         let (id, reason) = (id.clone(), reason.to_owned());
-        self.tx(move |t| {
-            let mut rec = t.get(&id)?;
-            let from = rec.state;
-            let run_start = rec.meter.run_started_ms;
-            let entries = t.capsule_entries(&id)?;
-            let refund = MicroCredits::sum(
-                entries
-                    .iter()
-                    .map(|e| &e.entry)
-                    .filter(|e| {
-                        e.amount.is_negative()
-                            && (e.kind == EntryKind::Compute && run_start.is_some_and(|s| e.at_ms >= s)
-                                || to == CapsuleState::Terminated)
-                    })
-                    .map(|e| e.amount.negate()),
-            )?;
-            rec.meter.run_started_ms = None;
-            rec.meter.run_minutes_charged = 0;
-            rec.meter.spent = rec.meter.spent.checked_sub(refund)?;
-            if refund > MicroCredits::ZERO {
-                t.push_entry(NewEntry {
-                    at_ms: now_ms,
-                    team: rec.team.clone(),
-                    capsule: Some(rec.id.clone()),
-                    kind: EntryKind::Refund,
-                    quantity: 1,
-                    amount: refund,
-                    reason: Some(reason.clone()),
-                })?;
-            }
-            rec.state = to;
-            rec.state_reason = reason.clone();
-            if to == CapsuleState::Terminated {
-                free_name(&mut rec, now_ms);
-            }
-            t.state_event(&rec, from, &reason, now_ms, None)?;
-            t.put(&rec)?;
-            Ok(rec)
-        })
-        .await
+        self.tx(move |mut t| steps::abort_start(&mut t, &id, to, &reason, now_ms))
+            .await
     }
 
     async fn update_capsule(&self, id: &CapsuleId, patch: CapsulePatch, event: NewEvent) -> Result<CapsuleRecord> {
         let id = id.clone();
-        self.tx(move |t| {
-            let mut rec = t.get(&id)?;
-            state::refusal(rec.state, Operation::Update, rec.name.as_str())?;
-            if let Some(c) = patch.credit_limit {
-                rec.limits.credit_limit = c;
-            }
-            if let Some(i) = patch.idle_timeout_ms {
-                rec.limits.idle_timeout_ms = i;
-            }
-            if let Some(m) = patch.max_runtime_ms {
-                rec.limits.max_runtime_ms = m;
-            }
-            if let Some(n) = patch.network {
-                rec.network = n;
-            }
-            t.push_event(event)?;
-            t.put(&rec)?;
-            Ok(rec)
-        })
-        .await
+        self.tx(move |mut t| steps::update_capsule(&mut t, &id, patch, event))
+            .await
     }
 
     async fn set_url(&self, id: &CapsuleId, url: Option<PublicUrl>, event: NewEvent) -> Result<CapsuleRecord> {
         let id = id.clone();
-        self.tx(move |t| {
-            let mut rec = t.get(&id)?;
-            state::refusal(rec.state, Operation::Update, rec.name.as_str())?;
-            if let Some(u) = &url {
-                if let Some(owner) = t.label_owner(&u.host_label)?
-                    && owner.id != id
-                {
-                    return Err(Error::already_exists(format!("host label {} is taken", u.host_label)));
-                }
-                rec.host_label = Some(u.host_label.clone());
-            }
-            rec.url = url;
-            t.push_event(event)?;
-            t.put(&rec)?;
-            Ok(rec)
-        })
-        .await
+        self.tx(move |mut t| steps::set_url(&mut t, &id, url, event)).await
     }
 
     async fn record_traffic(&self, id: &CapsuleId, bytes: u64, now_ms: i64, rates: &RateCard) -> Result<CapsuleRecord> {
         let (id, rates) = (id.clone(), *rates);
-        self.tx(move |t| {
-            let mut rec = t.get(&id)?;
-            if let Some(c) = ledger::add_traffic(&mut rec, bytes, now_ms, &rates)? {
-                t.apply_charges(&rec, &[c], None)?;
-            }
-            t.put(&rec)?;
-            Ok(rec)
-        })
-        .await
+        self.tx(move |mut t| steps::record_traffic(&mut t, &id, bytes, now_ms, &rates))
+            .await
     }
 
     async fn reconcile(
@@ -620,75 +372,8 @@ impl CapsuleStore for SqliteStore {
         rates: &RateCard,
     ) -> Result<MeterReport> {
         let (id, rates) = (id.clone(), *rates);
-        self.tx(move |t| {
-            let mut rec = t.get(&id)?;
-            let from = rec.state;
-            let note = |rec: &CapsuleRecord, detail: String| -> Result<()> {
-                t.push_event(
-                    NewEvent::new(now_ms, EventKind::Reconciled { detail })
-                        .team(&rec.team)
-                        .capsule(&rec.id),
-                )?;
-                Ok(())
-            };
-            let set = |rec: &mut CapsuleRecord, to: CapsuleState, reason: &str| -> Result<()> {
-                rec.state = to;
-                rec.state_reason = reason.to_owned();
-                t.state_event(rec, from, reason, now_ms, None)
-            };
-            if from == CapsuleState::Terminating {
-                let charges = ledger::settle_terminate(&mut rec, now_ms, &rates)?;
-                t.apply_charges(&rec, &charges, None)?;
-                set(&mut rec, CapsuleState::Terminated, "reconciled")?;
-                free_name(&mut rec, now_ms);
-            } else {
-                match observed {
-                    Observed::Running => {
-                        if !matches!(
-                            from,
-                            CapsuleState::Running | CapsuleState::Creating | CapsuleState::Waking
-                        ) {
-                            rec.meter.run_started_ms = Some(now_ms);
-                            rec.meter.run_minutes_charged = 0;
-                        }
-                        if from != CapsuleState::Running {
-                            set(&mut rec, CapsuleState::Running, "adopted")?;
-                        }
-                        note(
-                            &rec,
-                            "adopted a running capsule; charged the minutes it ran unmetered".into(),
-                        )?;
-                        return meter_tx(t, &mut rec, now_ms, &rates, None, false);
-                    }
-                    Observed::Sleeping => {
-                        let charges = ledger::settle_run(&mut rec, now_ms, &rates)?;
-                        t.apply_charges(&rec, &charges, None)?;
-                        if from != CapsuleState::Sleeping {
-                            set(&mut rec, CapsuleState::Sleeping, "reconciled")?;
-                        }
-                    }
-                    obs => {
-                        let why = match obs {
-                            Observed::Failed(w) => w,
-                            _ => "the backend no longer has this capsule's VM".into(),
-                        };
-                        let charges = ledger::settle_run(&mut rec, now_ms, &rates)?;
-                        t.apply_charges(&rec, &charges, None)?;
-                        if from != CapsuleState::Failed {
-                            set(&mut rec, CapsuleState::Failed, "vm_lost")?;
-                        }
-                        note(&rec, why)?;
-                    }
-                }
-            }
-            t.put(&rec)?;
-            Ok(MeterReport {
-                record: rec,
-                charged: MicroCredits::ZERO,
-                stopped: None,
-            })
-        })
-        .await
+        self.tx(move |mut t| steps::reconcile(&mut t, &id, observed, now_ms, &rates))
+            .await
     }
 }
 

@@ -10,9 +10,8 @@ use async_trait::async_trait;
 use super::{EventLog, Ledger, TokenStore};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventKind, NewEvent};
-use crate::ledger::{Charge, LedgerEntry, NewEntry};
+use crate::ledger::{LedgerEntry, NewEntry};
 use crate::records::{CapsuleRecord, TeamRecord};
-use crate::state::CapsuleState;
 use crate::tokens::TokenRecord;
 use crate::types::{CapsuleId, CapsuleName, MicroCredits, Size, TeamId, TeamName, TokenId};
 
@@ -112,71 +111,6 @@ impl Inner {
         self.balances.get(team).copied().unwrap_or_default()
     }
 
-    /// Appends charges as entries and `charged` events; notes a balance going below zero.
-    fn apply_charges(
-        &mut self,
-        rec: &CapsuleRecord,
-        charges: &[Charge],
-        token: Option<&TokenId>,
-    ) -> Result<MicroCredits> {
-        let was_negative = self.balance(&rec.team).is_negative();
-        let mut total = MicroCredits::ZERO;
-        for c in charges {
-            self.push_entry(c.entry(rec))?;
-            total = total.checked_add(c.cost)?;
-            self.push_event(
-                NewEvent::new(
-                    c.at_ms,
-                    EventKind::Charged {
-                        what: c.kind.as_str().to_owned(),
-                        quantity: c.quantity,
-                        amount: c.cost,
-                    },
-                )
-                .team(&rec.team)
-                .capsule(&rec.id)
-                .token(token),
-            );
-        }
-        let bal = self.balance(&rec.team);
-        if bal.is_negative()
-            && !was_negative
-            && let Some(last) = charges.last()
-        {
-            self.push_event(
-                NewEvent::new(last.at_ms, EventKind::InsufficientCredits { balance: bal })
-                    .team(&rec.team)
-                    .capsule(&rec.id),
-            );
-        }
-        Ok(total)
-    }
-
-    fn state_event(
-        &mut self,
-        rec: &CapsuleRecord,
-        from: CapsuleState,
-        reason: &str,
-        at: i64,
-        token: Option<&TokenId>,
-    ) -> Result<()> {
-        self.push_event(
-            NewEvent::new(
-                at,
-                EventKind::StateChanged {
-                    from,
-                    to: rec.state,
-                    reason: reason.to_owned(),
-                },
-            )
-            .team(&rec.team)
-            .capsule(&rec.id)
-            .token(token),
-        );
-        self.push_entry(NewEntry::lifecycle(at, rec, rec.state.as_str()))?;
-        Ok(())
-    }
-
     /// Team caps for one more running capsule of `size` (and, on create, `disk_gib` more disk).
     fn check_caps(&self, team: &TeamId, size: Size, new_disk: Option<u32>, except: Option<&CapsuleId>) -> Result<()> {
         let t = self
@@ -190,14 +124,6 @@ impl Inner {
             .flatten()
             .map(|id| &self.capsules[id]);
         crate::ledger::check_team_caps(t.caps, capsules, size, new_disk, except)
-    }
-
-    fn get(&self, id: &CapsuleId) -> Result<CapsuleRecord> {
-        self.capsules.get(id).cloned().ok_or_else(|| no_capsule(id))
-    }
-
-    fn put(&mut self, rec: CapsuleRecord) {
-        self.capsules.insert(rec.id.clone(), rec);
     }
 
     fn insert_token(&mut self, t: TokenRecord) -> Result<()> {

@@ -12,6 +12,7 @@
 //! - [`CapsuleStore::end_run`]: (sleep, terminate) settle the run's charges + state change.
 
 mod memory;
+pub mod steps;
 
 use std::fmt::Debug;
 use std::sync::Arc;
