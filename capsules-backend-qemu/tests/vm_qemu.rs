@@ -722,13 +722,20 @@ fn recovery_body(state: &Path, dns: SocketAddr, ids: &mut Vec<CapsuleId>) -> R {
             o.stdout_lossy(),
             o.stderr_lossy()
         );
+        let mut bad = Vec::new();
         for (who, id) in [("woken", &b), ("adopted", &a)] {
             let got = probe(&be, id, d, std::slice::from_ref(&target)).await?;
-            ensure!(
-                got == [Probe::Ok(REC_TARGET.to_string())],
-                "the {who} capsule reaching {target}: {got:?}"
-            );
+            if got != [Probe::Ok(REC_TARGET.to_string())] {
+                bad.push(format!("the {who} capsule reaching {target}: {got:?}"));
+            }
         }
+        ensure!(
+            bad.is_empty(),
+            "{}\n--- table ---\n{}\n--- addresses ---\n{}",
+            bad.join("; "),
+            sh(&["nft", "list", "table", "inet", REC_TABLE]).unwrap_or_default(),
+            sh(&["ip", "-o", "addr"]).unwrap_or_default()
+        );
         let taps = links_with_prefix(REC_PREFIX)?;
         ensure!(taps.len() == 2, "taps after recovery: {taps:?}");
         for id in [&a, &b] {
