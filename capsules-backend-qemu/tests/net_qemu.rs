@@ -37,8 +37,8 @@ use capsules_microvm::net::{CapsuleNet, NetConfig, Network};
 use capsules_microvm::testing::{QEMU_TOOLS, check_prerequisites};
 use libtest_mimic::{Arguments, Failed, Trial};
 use support::{
-    DnsStub, HttpListener, OK_IP, OTHER_IP, PERL_HTTP_SERVER, PERL_PROBE, Probe, Target, host_fetch, kill_all_with,
-    links_with_prefix, parse_probe, pids_with, sh,
+    DnsStub, HttpListener, OK_IP, OTHER_IP, PERL_HELD_CONNECTION, PERL_HTTP_SERVER, PERL_PROBE, Probe, Target,
+    host_fetch, kill_all_with, links_with_prefix, parse_probe, pids_with, sh,
 };
 
 type B = MicroVmBackend<QemuVmm>;
@@ -351,11 +351,56 @@ async fn allow_domain_opens_resolved_addresses_only(w: Arc<World>) -> R {
     Ok(())
 }
 
+/// Holds a connection from the capsule to the public target open, applies `policy` (if any) while
+/// it is open, and says whether the connection still carried data afterwards ("ok" or "cut").
+async fn held_connection(w: &World, id: &CapsuleId, policy: Option<&str>) -> Result<String, String> {
+    let (ready, go) = ("/tmp/held-ready", "/tmp/held-go");
+    let b = w.backend()?;
+    let clear = format!("rm -f {ready} {go}");
+    w.exec(id, vec!["sh".into(), "-c".into(), clear]).await?;
+    let held = {
+        let (b, id, d) = (b.clone(), id.clone(), w.secs(60));
+        let argv = ["perl", "-e", PERL_HELD_CONNECTION, &at(PUBLIC, PORT), ready, go].map(String::from);
+        tokio::spawn(async move { tokio::time::timeout(d, b.exec_collect(&id, ExecRequest::new(argv))).await })
+    };
+    let t = Instant::now();
+    loop {
+        let o = w.exec(id, vec!["test".into(), "-e".into(), ready.into()]).await?;
+        if o.status.success() {
+            break;
+        }
+        ensure!(t.elapsed() < w.secs(20), "the held connection never got going");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Some(p) = policy {
+        w.apply(id, p).await?;
+    }
+    w.exec(id, vec!["touch".into(), go.into()]).await?;
+    let o = held
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the held connection did not finish".to_owned())?
+        .map_err(|e| format!("exec: {e}"))?;
+    let out = o.stdout_lossy();
+    ensure!(
+        out.contains("before ok"),
+        "the held connection: {out:?} {}",
+        o.stderr_lossy()
+    );
+    out.lines()
+        .find_map(|l| l.strip_prefix("after ").map(str::to_owned))
+        .ok_or_else(|| format!("the held connection printed {out:?}"))
+}
+
 async fn apply_none_cuts_egress_and_internet_restores(w: Arc<World>) -> R {
     let p = w.pair().await?;
     w.apply(&p.a, "internet").await?;
     w.expect("internet", &p.a, &[(at(PUBLIC, PORT), ok(PUBLIC))]).await?;
-    w.apply(&p.a, "none").await?;
+    // A connection held open keeps working while nothing changes, and is cut by `none` at once.
+    let control = held_connection(&w, &p.a, None).await?;
+    ensure!(control == "ok", "a held connection under internet: {control}");
+    let cut = held_connection(&w, &p.a, Some("none")).await?;
+    ensure!(cut == "cut", "a held connection across apply(none): {cut}");
     w.expect("none, right after apply", &p.a, &[(at(PUBLIC, PORT), Probe::Fail)])
         .await?;
     let before = w.stub.queries.load(Ordering::SeqCst);

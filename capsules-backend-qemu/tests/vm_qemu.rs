@@ -5,6 +5,12 @@
 //! namespace the case made inside it. Each case gets its own `1x1gb` capsule(s) of the `small`
 //! image, has a hard timeout, and its capsules are terminated afterwards even when it fails. A
 //! missing prerequisite (root, QEMU, nftables, the guest assets) reports every case as ignored.
+//!
+//! Three cases build backends of their own: capacity for exactly two `1x1gb` capsules; a state
+//! directory on a small tmpfs (mounted and unmounted by the case) that cannot hold a memory
+//! snapshot; and recovery, where this binary re-executes itself as a separate "host process" that
+//! creates the capsules, is killed with SIGKILL by its PID, and a new backend takes over its state
+//! directory. The forwarders' DNS upstream is a stub in the test's namespace.
 
 mod support;
 
@@ -983,6 +989,8 @@ fn main() {
     let _ = sh(&["ip", "link", "set", "lo", "up"]);
 
     let rt = Arc::new(tokio::runtime::Runtime::new().expect("a tokio runtime"));
+    // The forwarders' upstream is a stub in this namespace, never the machine's resolver.
+    let stub = DnsStub::start().expect("the DNS stub");
     let state = tempfile::Builder::new()
         .prefix("capsules-vm-qemu-")
         .tempdir()
@@ -1001,7 +1009,8 @@ fn main() {
                 NetConfig::from_env()
                     .map_err(|e| e.to_string())?
                     .with_table(TABLE)
-                    .with_tap_prefix(TAP_PREFIX),
+                    .with_tap_prefix(TAP_PREFIX)
+                    .with_dns_upstreams(vec![stub.addr]),
             )
             .await
             .map_err(|e| e.to_string())?,
@@ -1069,6 +1078,7 @@ fn main() {
     }
     // `exit` skips destructors: remove the state dir first.
     drop(ctx);
+    drop(stub);
     if let Err(e) = state.close() {
         eprintln!("cleanup: the state dir: {e}");
     }

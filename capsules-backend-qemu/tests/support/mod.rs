@@ -118,7 +118,8 @@ impl Ns {
 
 /// A TCP listener on 0.0.0.0:port that answers every connection with
 /// `HTTP/1.0 200 OK … hello <the address it was reached at>` (after reading the request, or
-/// after 2 s of silence) and closes it. Stopped on drop.
+/// after 2 s of silence) and closes it — except a connection that starts with `ECHO\n`, which
+/// gets every later byte echoed back until it closes (a long-lived connection). Stopped on drop.
 pub struct HttpListener {
     stop: Arc<AtomicBool>,
     t: Option<JoinHandle<()>>,
@@ -174,10 +175,26 @@ fn serve_http(mut c: TcpStream) {
     let local = c.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let mut req = Vec::new();
     let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && !req.starts_with(b"ECHO\n") && req.len() < 16 * 1024 {
         match c.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    if let Some(rest) = req.strip_prefix(b"ECHO\n") {
+        let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+        if c.write_all(rest).is_err() {
+            return;
+        }
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if c.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
     let body = format!("hello {local}\n");
@@ -403,6 +420,23 @@ for my $t (@ARGV) {
   eval { local $SIG{ALRM} = sub { die "timeout\n" }; alarm 3; while (sysread($s, $b, 4096)) { $r .= $b } alarm 0 };
   if ($r =~ /hello (\S+)/) { print "$t ok $1\n" } else { print "$t open\n" }
 }"#;
+
+/// A guest-side client of one long-lived connection (perl-base only): connects to `$ARGV[0]`
+/// (`host:port` of an [`HttpListener`]), sends `ECHO` and a line, and once it came back creates the
+/// file `$ARGV[1]`; then waits (up to 60 s) for the file `$ARGV[2]`, sends another line and prints
+/// `after ok` if it comes back within 3 s, else `after cut`. Prints `before fail` and exits 1 if
+/// the first exchange fails.
+pub const PERL_HELD_CONNECTION: &str = r#"use IO::Socket::INET; $| = 1;
+my ($t, $ready, $go) = @ARGV; my ($h, $p) = split /:/, $t;
+my $s = IO::Socket::INET->new(PeerAddr => $h, PeerPort => $p, Proto => "tcp", Timeout => 3) or do { print "before fail\n"; exit 1 };
+sub exchange { my ($msg, $want) = @_; my $r = ""; my $b;
+  eval { local $SIG{ALRM} = sub { die "timeout\n" }; alarm 3; syswrite($s, $msg);
+    while ($r !~ /\n/ && sysread($s, $b, 4096)) { $r .= $b } alarm 0 };
+  return $r eq $want }
+exchange("ECHO\nping1\n", "ping1\n") ? print "before ok\n" : do { print "before fail\n"; exit 1 };
+open(my $f, ">", $ready); close $f;
+for (1..600) { last if -e $go; select(undef, undef, undef, 0.1) }
+print exchange("ping2\n", "ping2\n") ? "after ok\n" : "after cut\n";"#;
 
 /// A guest-side HTTP server on 0.0.0.0:`$ARGV[0]` answering like [`HttpListener`] (perl-base only).
 pub const PERL_HTTP_SERVER: &str = r#"use IO::Socket::INET;
