@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use capsules_core::{Error, Result};
-use capsules_microvm::backend::MicroVmBackend;
+use capsules_microvm::backend::{Capacity, MicroVmBackend};
 use capsules_microvm::net::{NetConfig, Network};
 use capsules_microvm::vmm::VmmError;
 
@@ -23,7 +23,8 @@ fn setup_error(e: VmmError) -> Error {
 
 /// Builds the QEMU backend from the environment: the driver from `CAPSULES_QEMU_*`
 /// ([`QemuConfig::from_env`]), capsule networking from `CAPSULES_NET_*` (taps, nftables and the DNS
-/// forwarder: needs root or CAP_NET_ADMIN), the state directory from `CAPSULES_STATE_DIR`
+/// forwarder: needs root or CAP_NET_ADMIN), the host capacity from `CAPSULES_CAPACITY_*`
+/// ([`Capacity::from_env`]), the state directory from `CAPSULES_STATE_DIR`
 /// (default `/var/lib/capsules`) and the guest assets from `CAPSULES_ASSET_DIR` (default
 /// `/var/cache/capsules`, built on first use). Capsules left by an earlier process on the same
 /// state directory are recovered (adopted, asleep or failed).
@@ -32,6 +33,7 @@ pub async fn backend_from_env() -> Result<QemuBackend> {
     let net = Network::new(NetConfig::from_env()?).await?;
     MicroVmBackend::builder(vmm)
         .from_env()
+        .capacity(Capacity::from_env()?)
         .network(Arc::new(net))
         .build()
         .await

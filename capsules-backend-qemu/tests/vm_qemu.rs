@@ -5,17 +5,23 @@
 //! namespace the case made inside it. Each case gets its own `1x1gb` capsule(s) of the `small`
 //! image, has a hard timeout, and its capsules are terminated afterwards even when it fails. A
 //! missing prerequisite (root, QEMU, nftables, the guest assets) reports every case as ignored.
+//!
+//! Three cases build backends of their own: capacity for exactly two `1x1gb` capsules; a state
+//! directory on a small tmpfs (mounted and unmounted by the case) that cannot hold a memory
+//! snapshot; and recovery, where this binary re-executes itself as a separate "host process" that
+//! creates the capsules, is killed with SIGKILL by its PID, and a new backend takes over its state
+//! directory. The forwarders' DNS upstream is a stub in the test's namespace.
+
+mod support;
 
 use std::future::Future;
-use std::net::TcpListener;
-use std::os::fd::OwnedFd;
+use std::io::BufRead;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -25,12 +31,15 @@ use capsules_core::testkit::backend::{spec, time_scale};
 use capsules_core::types::{Cidr, NetworkPolicy};
 use capsules_core::{Backend, BackendExt, CapsuleId, ErrorKind};
 use capsules_microvm::assets::{AssetBuilder, BaseImage, Progress};
-use capsules_microvm::backend::MicroVmBackend;
+use capsules_microvm::backend::{Capacity, MicroVmBackend};
 use capsules_microvm::net::{NetConfig, Network};
 use futures::StreamExt;
 use libtest_mimic::{Arguments, Failed, Trial};
-use nix::sched::{CloneFlags, setns, unshare};
+use nix::sched::{CloneFlags, unshare};
 use sha2::{Digest, Sha256};
+use support::{
+    DnsStub, OK_IP, PERL_PROBE, Probe, Target, kill_all_with, links_with_prefix, parse_probe, pids_with, sh,
+};
 
 type B = MicroVmBackend<QemuVmm>;
 type R = Result<(), String>;
@@ -49,172 +58,11 @@ macro_rules! ensure {
 
 // ---------------------------------------------------------------- host helpers
 
-/// Runs a command on the host (in the calling thread's namespace).
-fn sh(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// PIDs whose command line contains `needle`.
-fn pids_with(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    let me = std::process::id() as i32;
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        if let Ok(c) = std::fs::read(e.path().join("cmdline"))
-            && String::from_utf8_lossy(&c).replace('\0', " ").contains(needle)
-        {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// Names of links starting with `prefix` (this namespace).
-fn links_with_prefix(prefix: &str) -> Result<Vec<String>, String> {
-    let out = sh(&["ip", "-o", "link", "show"])?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
-        .filter(|n| n.starts_with(prefix))
-        .collect())
-}
-
 fn now_unix() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64()
-}
-
-/// An unnamed network namespace made by the test, kept alive by an fd.
-struct Ns {
-    fd: OwnedFd,
-}
-
-impl Ns {
-    fn new() -> Result<Ns, String> {
-        std::thread::spawn(|| -> Result<OwnedFd, String> {
-            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
-            let f = std::fs::File::open("/proc/thread-self/ns/net").map_err(|e| e.to_string())?;
-            sh(&["ip", "link", "set", "lo", "up"])?;
-            Ok(OwnedFd::from(f))
-        })
-        .join()
-        .map_err(|_| "netns thread panicked".to_owned())?
-        .map(|fd| Ns { fd })
-    }
-
-    fn path(&self) -> String {
-        use std::os::fd::AsRawFd;
-        format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd())
-    }
-
-    fn sh(&self, args: &[&str]) -> Result<String, String> {
-        let fd = self.fd.try_clone().map_err(|e| e.to_string())?;
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        std::thread::spawn(move || {
-            setns(&fd, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
-            let a: Vec<&str> = args.iter().map(String::as_str).collect();
-            sh(&a)
-        })
-        .join()
-        .map_err(|_| "thread panicked".to_owned())?
-    }
-
-    /// A TCP listener on 0.0.0.0:port inside this namespace (accepts and closes), stopped on drop.
-    fn listener(&self, port: u16) -> Result<Listener, String> {
-        let fd = self.fd.try_clone().map_err(|e| e.to_string())?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let t = std::thread::spawn(move || {
-            let bound = setns(&fd, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| e.to_string())
-                .and_then(|_| TcpListener::bind(("0.0.0.0", port)).map_err(|e| e.to_string()));
-            let l = match bound {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = l.set_nonblocking(true);
-            let _ = tx.send(Ok(()));
-            while !s2.load(Ordering::SeqCst) {
-                match l.accept() {
-                    Ok((c, _)) => drop(c),
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(5))
-            .map_err(|e| format!("listener did not start: {e}"))??;
-        Ok(Listener { stop, t: Some(t) })
-    }
-}
-
-struct Listener {
-    stop: Arc<AtomicBool>,
-    t: Option<JoinHandle<()>>,
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.t.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A target namespace behind a veth pair: `<host_if>` here with `host_cidr`, the peer there with
-/// `target/24` and a default route back. The links are removed on drop.
-struct Target {
-    ns: Ns,
-    host_if: String,
-}
-
-impl Target {
-    fn new(host_if: &str, host_ip: &str, target_ip: &str) -> Result<Target, String> {
-        let ns = Ns::new()?;
-        let peer = format!("{host_if}p");
-        let _ = sh(&["ip", "link", "del", host_if]);
-        sh(&["ip", "link", "add", host_if, "type", "veth", "peer", "name", &peer])?;
-        let t = Target {
-            ns,
-            host_if: host_if.to_owned(),
-        };
-        sh(&["ip", "link", "set", &peer, "netns", &t.ns.path()])?;
-        sh(&["ip", "addr", "add", &format!("{host_ip}/24"), "dev", host_if])?;
-        sh(&["ip", "link", "set", host_if, "up"])?;
-        t.ns.sh(&["ip", "addr", "add", &format!("{target_ip}/24"), "dev", &peer])?;
-        t.ns.sh(&["ip", "link", "set", &peer, "up"])?;
-        t.ns.sh(&["ip", "route", "add", "default", "via", host_ip])?;
-        Ok(t)
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "link", "del", &self.host_if]);
-    }
 }
 
 // ---------------------------------------------------------------- the context
@@ -589,10 +437,20 @@ async fn can_connect(c: &Ctx, id: &CapsuleId, addr: &str) -> Result<bool, String
 }
 
 async fn apply_network_cuts_egress(c: Arc<Ctx>) -> R {
-    let public = Target::new("vtpub0", "203.0.113.1", "203.0.113.10")?;
-    let private = Target::new("vtprv0", "10.77.0.1", "10.77.0.10")?;
-    let _l1 = public.ns.listener(8080)?;
-    let _l2 = private.ns.listener(8080)?;
+    let _public = Target::new(
+        "vtpub0",
+        Ipv4Addr::new(203, 0, 113, 1),
+        Ipv4Addr::new(203, 0, 113, 10),
+        &[],
+        8080,
+    )?;
+    let _private = Target::new(
+        "vtprv0",
+        Ipv4Addr::new(10, 77, 0, 1),
+        Ipv4Addr::new(10, 77, 0, 10),
+        &[],
+        8080,
+    )?;
     // The targets are real: this namespace reaches both.
     for a in ["203.0.113.10:8080", "10.77.0.10:8080"] {
         let addr: std::net::SocketAddr = a.parse().map_err(|e| format!("{e}"))?;
@@ -643,18 +501,24 @@ async fn apply_network_cuts_egress(c: Arc<Ctx>) -> R {
 
 const REC_TABLE: &str = "capsules_vmrec";
 const REC_PREFIX: &str = "cpr";
+/// Set (to the state directory) in the environment of this binary re-executed as the "host
+/// process" of the recovery case; `HOST_DNS_ENV` carries the DNS stub's address.
+const HOST_ENV: &str = "CAPSULES_VM_QEMU_HOST_PROCESS";
+const HOST_DNS_ENV: &str = "CAPSULES_VM_QEMU_HOST_DNS";
+/// The recovery case's public stand-in target.
+const REC_TARGET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 
-fn rec_config() -> Result<NetConfig, String> {
-    Ok(NetConfig::from_env()
-        .map_err(|e| e.to_string())?
+fn rec_config(dns: SocketAddr) -> Result<NetConfig, String> {
+    Ok(NetConfig::default()
         .with_table(REC_TABLE)
         .with_tap_prefix(REC_PREFIX)
-        .with_pool(Cidr::parse("10.214.0.0/16").map_err(|e| e.to_string())?))
+        .with_pool(Cidr::parse("10.214.0.0/16").map_err(|e| e.to_string())?)
+        .with_dns_upstreams(vec![dns]))
 }
 
-async fn rec_backend(state: &Path) -> Result<(B, Arc<Network>), String> {
+async fn rec_backend(state: &Path, dns: SocketAddr) -> Result<(B, Arc<Network>), String> {
     let vmm = QemuVmm::new(QemuConfig::from_env().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    let net = Arc::new(Network::new(rec_config()?).await.map_err(|e| e.to_string())?);
+    let net = Arc::new(Network::new(rec_config(dns)?).await.map_err(|e| e.to_string())?);
     let b = MicroVmBackend::builder(vmm)
         .state_dir(state)
         .network(net.clone())
@@ -668,50 +532,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Runtime::new().map_err(|e| e.to_string())
 }
 
-fn recovery_after_host_restart() -> R {
-    let dir = tempfile::Builder::new()
-        .prefix("capsules-vm-qemu-rec-")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
-    let state: PathBuf = dir.path().to_owned();
-    let (a, b) = (spec(), spec());
-    let ids = [a.id.clone(), b.id.clone()];
-    let r = recovery_body(&state, &a, &b);
-    // Clean up with whatever backend can still be built on the state dir.
-    let cleanup = runtime().and_then(|rt| {
+/// The "host process" of the recovery case (this binary, re-executed with [`HOST_ENV`]): builds a
+/// backend on the state directory, creates two capsules, starts a background process in the first,
+/// puts the second to sleep, prints `READY <running id> <sleeping id>` and waits to be killed.
+fn host_process(state: &str) -> ! {
+    let r = runtime().and_then(|rt| {
         rt.block_on(async {
-            let (be, _net) = rec_backend(&state).await?;
-            for id in &ids {
-                if let Err(e) = be.terminate(id).await {
-                    eprintln!("cleanup: terminate {}: {e}", id.as_str());
-                }
-            }
-            Ok::<(), String>(())
-        })
-    });
-    for id in &ids {
-        for pid in pids_with(&format!("guest={}", id.as_str())) {
-            eprintln!("cleanup: killing a leftover QEMU {pid}");
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-    for tap in links_with_prefix(REC_PREFIX).unwrap_or_default() {
-        let _ = sh(&["ip", "link", "del", &tap]);
-    }
-    let _ = sh(&["nft", "delete", "table", "inet", REC_TABLE]);
-    r?;
-    cleanup
-}
-
-fn recovery_body(state: &Path, a: &CapsuleSpec, b: &CapsuleSpec) -> R {
-    let deadline = Duration::from_secs(600);
-    {
-        let rt = runtime()?;
-        rt.block_on(async {
-            let (be, _net) = rec_backend(state).await?;
-            let scale = u64::from(time_scale(&be));
-            let d = Duration::from_secs(60 * scale);
-            for s in [a, b] {
+            let dns: SocketAddr = std::env::var(HOST_DNS_ENV)
+                .map_err(|e| format!("{HOST_DNS_ENV}: {e}"))?
+                .parse()
+                .map_err(|e| format!("{HOST_DNS_ENV}: {e}"))?;
+            let (be, _net) = rec_backend(Path::new(state), dns).await?;
+            let d = Duration::from_secs(60 * u64::from(time_scale(&be)));
+            let (a, b) = (spec(), spec());
+            for s in [&a, &b] {
                 within(d, "create", be.create(s))
                     .await?
                     .map_err(|e| format!("create: {e}"))?;
@@ -722,60 +556,387 @@ fn recovery_body(state: &Path, a: &CapsuleSpec, b: &CapsuleSpec) -> R {
             within(d, "sleep", be.sleep(&b.id))
                 .await?
                 .map_err(|e| format!("sleep: {e}"))?;
+            println!("READY {} {}", a.id.as_str(), b.id.as_str());
+            // Running, with its forwarders and supervisors, until the kill -9.
+            std::future::pending::<()>().await;
             Ok::<(), String>(())
-        })?;
-        // The backend, its network layer and the runtime go without terminating anything: what a
-        // kill -9 of the host process leaves.
-        rt.shutdown_timeout(Duration::from_secs(1));
+        })
+    });
+    if let Err(e) = r {
+        println!("ERROR {e}");
     }
+    std::process::exit(1)
+}
+
+/// Kills the host process (by PID) if it is still there, and reaps it.
+struct HostProcess(std::process::Child);
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn recovery_after_host_kill() -> R {
+    let dir = tempfile::Builder::new()
+        .prefix("capsules-vm-qemu-rec-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let state: PathBuf = dir.path().to_owned();
+    let stub = DnsStub::start()?;
+    let _target = Target::new("vtrec0", Ipv4Addr::new(203, 0, 113, 1), REC_TARGET, &[], 8080)?;
+    let mut ids: Vec<CapsuleId> = Vec::new();
+    let r = recovery_body(&state, stub.addr, &mut ids);
+    // Clean up with whatever backend can still be built on the state dir.
+    let cleanup = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let (be, _net) = rec_backend(&state, stub.addr).await?;
+            for c in be.list().await.map_err(|e| e.to_string())? {
+                if let Err(e) = be.terminate(&c.id).await {
+                    eprintln!("cleanup: terminate {}: {e}", c.id.as_str());
+                }
+            }
+            Ok::<(), String>(())
+        })
+    });
+    kill_all_with(&state.to_string_lossy());
+    for tap in links_with_prefix(REC_PREFIX).unwrap_or_default() {
+        let _ = sh(&["ip", "link", "del", &tap]);
+    }
+    let _ = sh(&["nft", "delete", "table", "inet", REC_TABLE]);
+    r?;
+    cleanup
+}
+
+/// Starts the host process and waits for its `READY` line: the two capsule ids.
+fn start_host_process(
+    state: &Path,
+    dns: SocketAddr,
+    limit: Duration,
+) -> Result<(HostProcess, CapsuleId, CapsuleId), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .env(HOST_ENV, state)
+        .env(HOST_DNS_ENV, dns.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting the host process: {e}"))?;
+    let out = child.stdout.take().ok_or("no stdout pipe")?;
+    let host = HostProcess(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("READY ") || line.starts_with("ERROR ") {
+                let _ = tx.send(line);
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(limit)
+        .map_err(|_| format!("the host process did not get ready within {limit:?}"))?;
+    let mut w = line.split_whitespace();
+    match (w.next(), w.next(), w.next()) {
+        (Some("READY"), Some(a), Some(b)) => {
+            let parse = |s: &str| CapsuleId::parse(s).map_err(|e| format!("host process id {s:?}: {e}"));
+            Ok((host, parse(a)?, parse(b)?))
+        }
+        _ => Err(format!("the host process failed: {line}")),
+    }
+}
+
+async fn probe(be: &B, id: &CapsuleId, d: Duration, targets: &[String]) -> Result<Vec<Probe>, String> {
+    let mut argv: Vec<String> = vec!["perl".into(), "-e".into(), PERL_PROBE.into()];
+    argv.extend(targets.iter().cloned());
+    let o = within(d, "probe", be.exec_collect(id, ExecRequest::new(argv)))
+        .await?
+        .map_err(|e| format!("exec probe: {e}"))?;
+    parse_probe(&o.stdout_lossy(), targets)
+}
+
+fn recovery_body(state: &Path, dns: SocketAddr, ids: &mut Vec<CapsuleId>) -> R {
+    let (mut host, a, b) = start_host_process(state, dns, Duration::from_secs(900))?;
+    ids.extend([a.clone(), b.clone()]);
+    let (qa, qb) = (
+        pids_with(&format!("guest={}", a.as_str())),
+        pids_with(&format!("guest={}", b.as_str())),
+    );
+    ensure!(
+        qa.len() == 1 && qb.is_empty(),
+        "QEMUs before the kill: running {qa:?}, sleeping {qb:?}"
+    );
+    let pid = host.0.id();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .map_err(|e| format!("kill -9 {pid}: {e}"))?;
+    let status = host.0.wait().map_err(|e| e.to_string())?;
+    eprintln!("  killed the host process {pid} with SIGKILL: {status:?}");
+    ensure!(
+        pids_with(&format!("guest={}", a.as_str())) == qa,
+        "the running capsule's QEMU did not outlive the host process"
+    );
+    let target = format!("{REC_TARGET}:8080");
     let rt = runtime()?;
     let t0 = Instant::now();
     rt.block_on(async {
-        let (be, _net) = within(deadline, "rebuilding the backend", rec_backend(state)).await??;
+        let (be, _net) = within(
+            Duration::from_secs(600),
+            "rebuilding the backend",
+            rec_backend(state, dns),
+        )
+        .await??;
         eprintln!("  rebuilt the backend in {:?}", t0.elapsed());
-        let scale = u64::from(time_scale(&be));
-        let d = Duration::from_secs(60 * scale);
-        let mut list = be.list().await.map_err(|e| format!("list: {e}"))?;
-        list.sort_by(|x, y| x.id.cmp(&y.id));
+        let d = Duration::from_secs(60 * u64::from(time_scale(&be)));
+        let list = be.list().await.map_err(|e| format!("list: {e}"))?;
         let state_of = |id: &CapsuleId| list.iter().find(|c| &c.id == id).map(|c| c.state.clone());
         ensure!(list.len() == 2, "list after the restart: {list:?}");
+        ensure!(state_of(&a) == Some(BackendState::Running), "the running one: {list:?}");
         ensure!(
-            state_of(&a.id) == Some(BackendState::Running),
-            "the running one: {list:?}"
-        );
-        ensure!(
-            state_of(&b.id) == Some(BackendState::Sleeping),
+            state_of(&b) == Some(BackendState::Sleeping),
             "the sleeping one: {list:?}"
         );
-        let procs = within(d, "processes", be.processes(&a.id))
+        let procs = within(d, "processes", be.processes(&a))
             .await?
             .map_err(|e| format!("processes: {e}"))?;
         ensure!(
             procs.iter().any(|p| p.running && p.argv == ["sleep", "900"]),
             "the background `sleep 900` after recovery: {procs:?}"
         );
-        within(d, "wake", be.wake(&b.id))
+        let t = Instant::now();
+        within(d, "wake", be.wake(&b))
             .await?
             .map_err(|e| format!("wake: {e}"))?;
-        let o = within(d, "exec", be.exec_collect(&b.id, ExecRequest::new(["echo", "woke"])))
-            .await?
-            .map_err(|e| format!("exec: {e}"))?;
-        ensure!(o.stdout_lossy().trim() == "woke", "exec after wake: {o:?}");
-        let o = within(d, "exec", be.exec_collect(&a.id, ExecRequest::new(["echo", "alive"])))
-            .await?
-            .map_err(|e| format!("exec: {e}"))?;
-        ensure!(o.stdout_lossy().trim() == "alive", "exec in the running one: {o:?}");
+        eprintln!("  woke the sleeping one in {:?}", t.elapsed());
+        // Its network works: DNS through the new backend's forwarder to the stub, and egress.
+        let o = within(
+            d,
+            "getent",
+            be.exec_collect(&b, ExecRequest::new(["getent", "ahostsv4", "ok.test"])),
+        )
+        .await?
+        .map_err(|e| format!("exec getent: {e}"))?;
+        ensure!(
+            o.status.success() && o.stdout_lossy().starts_with(&OK_IP.to_string()),
+            "DNS in the woken capsule: {:?} {}{}",
+            o.status,
+            o.stdout_lossy(),
+            o.stderr_lossy()
+        );
+        let mut bad = Vec::new();
+        for (who, id) in [("woken", &b), ("adopted", &a)] {
+            let got = probe(&be, id, d, std::slice::from_ref(&target)).await?;
+            if got != [Probe::Ok(REC_TARGET.to_string())] {
+                bad.push(format!("the {who} capsule reaching {target}: {got:?}"));
+            }
+        }
+        ensure!(
+            bad.is_empty(),
+            "{}\n--- table ---\n{}\n--- addresses ---\n{}",
+            bad.join("; "),
+            sh(&["nft", "list", "table", "inet", REC_TABLE]).unwrap_or_default(),
+            sh(&["ip", "-o", "addr"]).unwrap_or_default()
+        );
         let taps = links_with_prefix(REC_PREFIX)?;
         ensure!(taps.len() == 2, "taps after recovery: {taps:?}");
-        for id in [&a.id, &b.id] {
+        for id in [&a, &b] {
             within(d, "terminate", be.terminate(id))
                 .await?
                 .map_err(|e| format!("terminate: {e}"))?;
         }
         let taps = links_with_prefix(REC_PREFIX)?;
         ensure!(taps.is_empty(), "taps after terminating both: {taps:?}");
+        let table = sh(&["nft", "list", "table", "inet", REC_TABLE])?;
+        ensure!(
+            !table.contains("chain out_") && !table.contains("set dom_") && !table.contains(REC_PREFIX),
+            "rules left after terminating both:\n{table}"
+        );
+        for id in [&a, &b] {
+            let left = pids_with(&format!("guest={}", id.as_str()));
+            ensure!(left.is_empty(), "QEMU left after terminate: {left:?}");
+        }
         Ok(())
     })
+}
+
+// ---------------------------------------------------------------- capacity (own backends)
+
+/// A backend without a network layer on `state`, with `capacity`.
+async fn cap_backend(state: &Path, capacity: Capacity) -> Result<B, String> {
+    let vmm = QemuVmm::new(QemuConfig::from_env().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    MicroVmBackend::builder(vmm)
+        .state_dir(state)
+        .capacity(capacity)
+        .no_network()
+        .build()
+        .await
+        .map_err(|e| format!("build: {e}"))
+}
+
+fn small_spec() -> CapsuleSpec {
+    let mut s = spec();
+    s.disk_gib = 1;
+    s
+}
+
+/// Terminates every capsule of `be` and kills any QEMU of `state` left over.
+async fn terminate_all(be: &B, state: &Path) {
+    if let Ok(list) = be.list().await {
+        for c in list {
+            if let Err(e) = be.terminate(&c.id).await {
+                eprintln!("cleanup: terminate {}: {e}", c.id.as_str());
+            }
+        }
+    }
+    kill_all_with(&state.to_string_lossy());
+}
+
+fn expect_unavailable(r: capsules_core::Result<()>, what: &str, says: &str) -> R {
+    match r {
+        Ok(()) => Err(format!("{what}: succeeded past the capacity")),
+        Err(e) => {
+            ensure!(
+                e.kind() == ErrorKind::Unavailable && e.is_retryable() && e.message().contains(says),
+                "{what}: want a retryable Unavailable saying {says:?}, got {:?}: {e}",
+                e.kind()
+            );
+            eprintln!("  {what}: {e}");
+            Ok(())
+        }
+    }
+}
+
+fn capacity_two_then_unavailable() -> R {
+    let dir = tempfile::Builder::new()
+        .prefix("capsules-vm-qemu-cap-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let state = dir.path().to_owned();
+    let rt = runtime()?;
+    rt.block_on(async {
+        // Room for exactly two 1x1gb capsules.
+        let be = cap_backend(&state, Capacity::exactly(2, 2048)).await?;
+        let r = capacity_body(&be).await;
+        terminate_all(&be, &state).await;
+        r
+    })
+}
+
+async fn capacity_body(be: &B) -> R {
+    let d = Duration::from_secs(60 * u64::from(time_scale(be)));
+    let (s1, s2, s3) = (small_spec(), small_spec(), small_spec());
+    for s in [&s1, &s2] {
+        within(d, "create", be.create(s))
+            .await?
+            .map_err(|e| format!("create: {e}"))?;
+    }
+    let r = within(d, "third create", be.create(&s3)).await?;
+    expect_unavailable(r, "a third create", "no room")?;
+    ensure!(
+        !be.capsule_dir(&s3.id).exists() && matches!(be.state(&s3.id).await, Ok(BackendState::Gone)),
+        "the refused create left its capsule behind"
+    );
+    within(d, "sleep", be.sleep(&s1.id))
+        .await?
+        .map_err(|e| format!("sleep: {e}"))?;
+    let t = Instant::now();
+    within(d, "third create after a sleep", be.create(&s3))
+        .await?
+        .map_err(|e| format!("the third create after one slept: {e}"))?;
+    eprintln!("  the third create succeeded after a sleep in {:?}", t.elapsed());
+    let o = within(d, "exec", be.exec_collect(&s3.id, ExecRequest::new(["echo", "third"])))
+        .await?
+        .map_err(|e| format!("exec: {e}"))?;
+    ensure!(o.stdout_lossy().trim() == "third", "exec in the third: {o:?}");
+    // A wake past the capacity is refused the same way, and the sleeper stays asleep.
+    let r = within(d, "wake", be.wake(&s1.id)).await?;
+    expect_unavailable(r, "a wake past the capacity", "no room")?;
+    ensure!(
+        matches!(be.state(&s1.id).await, Ok(BackendState::Sleeping)),
+        "after the refused wake: {:?}",
+        be.state(&s1.id).await
+    );
+    Ok(())
+}
+
+/// A tmpfs mounted for the test; unmounted (after killing any QEMU using it) on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Result<Tmpfs, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("capsules-vm-qemu-tmpfs-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let p = dir.path().to_string_lossy().into_owned();
+        sh(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size},mode=0711"),
+            "tmpfs",
+            &p,
+        ])?;
+        Ok(Tmpfs { dir })
+    }
+
+    fn resize(&self, size: &str) -> R {
+        let p = self.dir.path().to_string_lossy().into_owned();
+        sh(&["mount", "-o", &format!("remount,size={size}"), &p]).map(|_| ())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let p = self.dir.path().to_string_lossy().into_owned();
+        kill_all_with(&p);
+        if let Err(e) = sh(&["umount", &p]) {
+            eprintln!("cleanup: {e}; detaching it");
+            let _ = sh(&["umount", "-l", &p]);
+        }
+    }
+}
+
+fn snapshot_disk_too_small() -> R {
+    // A state directory whose disk cannot hold a 1 GiB memory snapshot.
+    let fs = Tmpfs::mount("512m")?;
+    let state = fs.dir.path().join("state");
+    let rt = runtime()?;
+    rt.block_on(async {
+        let be = cap_backend(&state, Capacity::exactly(4, 8192)).await?;
+        let r = snapshot_disk_body(&be, &fs).await;
+        terminate_all(&be, &state).await;
+        r
+    })
+}
+
+async fn snapshot_disk_body(be: &B, fs: &Tmpfs) -> R {
+    let d = Duration::from_secs(60 * u64::from(time_scale(be)));
+    let s = small_spec();
+    let r = within(d, "create", be.create(&s)).await?;
+    expect_unavailable(r, "a create on a 512 MiB disk", "memory snapshot")?;
+    ensure!(
+        !be.capsule_dir(&s.id).exists(),
+        "the refused create left its capsule directory"
+    );
+    // Retryable indeed: with room for the snapshot the same create goes through.
+    fs.resize("1600m")?;
+    within(d, "create", be.create(&s))
+        .await?
+        .map_err(|e| format!("create once the disk has room: {e}"))?;
+    let o = within(d, "exec", be.exec_collect(&s.id, ExecRequest::new(["echo", "room"])))
+        .await?
+        .map_err(|e| format!("exec: {e}"))?;
+    ensure!(o.stdout_lossy().trim() == "room", "exec: {o:?}");
+    Ok(())
 }
 
 // ---------------------------------------------------------------- main
@@ -800,13 +961,22 @@ const CASES: [(&str, CaseFn, u64); 6] = [
         200,
     ),
 ];
-const RECOVERY: &str = "recovery_after_host_restart";
+/// Cases with backends of their own (own state directory, capacity or network), each with the
+/// hard timeout of the whole target (`scripts/test.sh`) and its own drop guards.
+const OWN: [(&str, fn() -> R); 3] = [
+    ("capacity_two_then_unavailable", capacity_two_then_unavailable),
+    ("snapshot_disk_too_small_is_unavailable", snapshot_disk_too_small),
+    ("recovery_after_kill_9_of_the_host_process", recovery_after_host_kill),
+];
 
 fn main() {
+    if let Some(state) = std::env::var_os(HOST_ENV) {
+        host_process(&state.to_string_lossy());
+    }
     let mut args = Arguments::from_args();
     // A TCG guest takes a core: never run two cases at once.
     args.test_threads = Some(1);
-    let names = || CASES.iter().map(|c| c.0).chain([RECOVERY]);
+    let names = || CASES.iter().map(|c| c.0).chain(OWN.iter().map(|c| c.0));
     let ignore_all = |why: String| -> Vec<Trial> {
         names()
             .map(|n| Trial::test(n, || Ok(())).with_ignored_flag(true).with_kind(why.clone()))
@@ -819,6 +989,8 @@ fn main() {
     let _ = sh(&["ip", "link", "set", "lo", "up"]);
 
     let rt = Arc::new(tokio::runtime::Runtime::new().expect("a tokio runtime"));
+    // The forwarders' upstream is a stub in this namespace, never the machine's resolver.
+    let stub = DnsStub::start().expect("the DNS stub");
     let state = tempfile::Builder::new()
         .prefix("capsules-vm-qemu-")
         .tempdir()
@@ -837,7 +1009,8 @@ fn main() {
                 NetConfig::from_env()
                     .map_err(|e| e.to_string())?
                     .with_table(TABLE)
-                    .with_tap_prefix(TAP_PREFIX),
+                    .with_tap_prefix(TAP_PREFIX)
+                    .with_dns_upstreams(vec![stub.addr]),
             )
             .await
             .map_err(|e| e.to_string())?,
@@ -884,15 +1057,17 @@ fn main() {
             })
         })
         .collect();
-    trials.push(Trial::test(RECOVERY, || {
-        let t0 = Instant::now();
-        let r = std::panic::catch_unwind(recovery_after_host_restart);
-        eprintln!("  {RECOVERY}: {:?}", t0.elapsed());
-        match r {
-            Ok(r) => r.map_err(Failed::from),
-            Err(_) => Err(Failed::from("panicked")),
-        }
-    }));
+    for (name, body) in OWN {
+        trials.push(Trial::test(name, move || {
+            let t0 = Instant::now();
+            let r = std::panic::catch_unwind(body);
+            eprintln!("  {name}: {:?}", t0.elapsed());
+            match r {
+                Ok(r) => r.map_err(Failed::from),
+                Err(_) => Err(Failed::from("panicked")),
+            }
+        }));
+    }
     let conclusion = libtest_mimic::run(&args, trials);
     rt.block_on(ctx.cleanup());
     if let Ok(rd) = std::fs::read_dir(state.path().join("capsules")) {
@@ -903,6 +1078,7 @@ fn main() {
     }
     // `exit` skips destructors: remove the state dir first.
     drop(ctx);
+    drop(stub);
     if let Err(e) = state.close() {
         eprintln!("cleanup: the state dir: {e}");
     }

@@ -385,10 +385,16 @@ impl World {
 
     /// A veth "guest" with the capsule's addresses, default route via the host side.
     fn guest(&mut self, id: &str, policy: &str) -> Result<CapsuleNet, Failed> {
+        self.guest_on(None, id, policy)
+    }
+
+    /// [`World::guest`] on another backend's network (`None`: this world's).
+    fn guest_on(&mut self, net: Option<&Network>, id: &str, policy: &str) -> Result<CapsuleNet, Failed> {
         let policy = NetworkPolicy::parse(policy).map_err(|e| e.to_string())?;
         let peer = format!("gp{}", self.next_peer.fetch_add(1, Ordering::SeqCst));
         let dir = self.state_dir(id);
-        let n = self.rt.block_on(self.net().setup_capsule_with(
+        let net = net.unwrap_or_else(|| self.net.as_ref().expect("network"));
+        let n = self.rt.block_on(net.setup_capsule_with(
             id,
             Some(&dir),
             &policy,
@@ -1020,6 +1026,48 @@ fn forwarding_guard_keeps_other_interfaces_unforwarded() -> R {
     Ok(())
 }
 
+fn two_backends_on_one_host_do_not_cut_each_other_off() -> R {
+    // The first backend finds forwarding off: it turns it on, with its guard.
+    let mut w = World::new(|c| c)?;
+    ensure(w.net().forwarding_guard(), "the first backend has the guard")?;
+    w.guest("cap_a", "internet")?;
+    expect_ok(w.g("cap_a"), PUBLIC, PORT, "first backend, alone")?;
+    // A second backend (other table, prefix and pool) finds forwarding on: no guard of its own,
+    // and the first one's guard must not drop its capsules' traffic.
+    let cfg = NetConfig::default()
+        .with_table("capsules_two")
+        .with_tap_prefix("cpw")
+        .with_pool(capsules_core::types::Cidr::parse("10.215.0.0/16").unwrap())
+        .with_dns_upstreams(vec![w.dns.addr]);
+    let two = w.rt.block_on(Network::new(cfg))?;
+    ensure(!two.forwarding_guard(), "the second backend found forwarding on")?;
+    w.guest_on(Some(&two), "cap_b", "internet")?;
+    let (a, b) = (w.g("cap_a"), w.g("cap_b"));
+    expect_ok(b, PUBLIC, PORT, "second backend's capsule beside the first's guard")?;
+    expect_ok(a, PUBLIC, PORT, "first backend's capsule beside the second")?;
+    expect_blocked(b, BLOCKED[0].1, PORT, "the second backend's own rules still apply")?;
+    let (rcode, ips) = b.resolve("ok.test", false)?;
+    ensure(rcode == 0 && ips == vec![OK_IP], "DNS on the second backend")?;
+    // Other forwarded traffic is still dropped by the first's guard: a namespace routed through
+    // the host on a plain veth reaches nothing.
+    let x = Ns::new();
+    sh(&["ip", "link", "add", "x0", "type", "veth", "peer", "name", "x1"])?;
+    sh(&["ip", "link", "set", "x1", "netns", &x.path()])?;
+    sh(&["ip", "addr", "add", "10.99.1.1/24", "dev", "x0"])?;
+    sh(&["ip", "link", "set", "x0", "up"])?;
+    x.sh(&["ip", "addr", "add", "10.99.1.2/24", "dev", "x1"])?;
+    x.sh(&["ip", "link", "set", "x1", "up"])?;
+    x.sh(&["ip", "route", "add", "default", "via", "10.99.1.1"])?;
+    let public = SocketAddr::new(IpAddr::V4(PUBLIC), PORT);
+    ensure(
+        x.run(|| TcpStream::connect_timeout(&public, CONNECT_TIMEOUT).is_err()),
+        "a non-capsule interface is still not forwarded",
+    )?;
+    w.rt.block_on(two.destroy())?;
+    expect_ok(w.g("cap_a"), PUBLIC, PORT, "first backend after the second went")?;
+    Ok(())
+}
+
 fn failed_setup_removes_everything() -> R {
     let w = World::new(|c| c)?;
     // Occupy the first slot's DNS port so the forwarder cannot bind (without SO_REUSEADDR).
@@ -1245,6 +1293,10 @@ fn main() {
         (
             "net_forwarding_guard",
             forwarding_guard_keeps_other_interfaces_unforwarded,
+        ),
+        (
+            "net_two_backends_on_one_host_do_not_cut_each_other_off",
+            two_backends_on_one_host_do_not_cut_each_other_off,
         ),
         ("net_failed_setup_removes_everything", failed_setup_removes_everything),
         (

@@ -124,6 +124,56 @@ impl Capacity {
         }
     }
 
+    /// [`Capacity::from_host`], overridden by `CAPSULES_CAPACITY_VCPUS` (vCPUs for guests),
+    /// `CAPSULES_CAPACITY_MEMORY_MIB` (guest memory, MiB), `CAPSULES_CAPACITY_OVERCOMMIT` (factor,
+    /// e.g. `1.5`) and `CAPSULES_CAPACITY_DISK_RESERVE_MIB` (free disk kept beyond one snapshot).
+    /// An unparsable or out-of-range value is `InvalidInput` naming the variable.
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`Capacity::from_env`] over any variable lookup.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        fn parse<T: std::str::FromStr>(k: &str, v: &str, what: &str) -> Result<T> {
+            v.trim()
+                .parse()
+                .map_err(|_| Error::invalid_input(format!("{k}={v:?} is not {what}")))
+        }
+        let get = |k: &str| var(k).filter(|v| !v.trim().is_empty());
+        let mut c = Capacity::from_host();
+        if let Some(v) = get("CAPSULES_CAPACITY_VCPUS") {
+            c.vcpus = parse("CAPSULES_CAPACITY_VCPUS", &v, "a whole number of vCPUs (at least 1)")?;
+            if c.vcpus == 0 {
+                return Err(Error::invalid_input("CAPSULES_CAPACITY_VCPUS must be at least 1"));
+            }
+        }
+        if let Some(v) = get("CAPSULES_CAPACITY_MEMORY_MIB") {
+            c.memory_mib = parse(
+                "CAPSULES_CAPACITY_MEMORY_MIB",
+                &v,
+                "a whole number of MiB (at least 1024)",
+            )?;
+            if c.memory_mib < 1024 {
+                return Err(Error::invalid_input(
+                    "CAPSULES_CAPACITY_MEMORY_MIB must be at least 1024 (the smallest size, 1x1gb)",
+                ));
+            }
+        }
+        if let Some(v) = get("CAPSULES_CAPACITY_OVERCOMMIT") {
+            let f: f64 = parse("CAPSULES_CAPACITY_OVERCOMMIT", &v, "a factor such as 1.5")?;
+            if !(1.0..=16.0).contains(&f) {
+                return Err(Error::invalid_input(format!(
+                    "CAPSULES_CAPACITY_OVERCOMMIT={v:?} must be between 1 and 16"
+                )));
+            }
+            c.overcommit = f;
+        }
+        if let Some(v) = get("CAPSULES_CAPACITY_DISK_RESERVE_MIB") {
+            c.disk_reserve_mib = parse("CAPSULES_CAPACITY_DISK_RESERVE_MIB", &v, "a whole number of MiB")?;
+        }
+        Ok(c)
+    }
+
     /// Exactly this much, no overcommit (tests).
     pub fn exactly(vcpus: u32, memory_mib: u64) -> Self {
         Capacity {
@@ -237,5 +287,33 @@ mod tests {
         assert_eq!(t.boot, Duration::from_secs(180));
         assert_eq!(AgentChannel::Vsock(1024).cmdline_value(), "vsock:1024");
         assert!(Capacity::from_host().vcpus >= 1);
+    }
+
+    #[test]
+    fn capacity_from_vars() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let c = Capacity::from_vars(vars(&[
+            ("CAPSULES_CAPACITY_VCPUS", "2"),
+            ("CAPSULES_CAPACITY_MEMORY_MIB", "2048"),
+            ("CAPSULES_CAPACITY_OVERCOMMIT", "1.5"),
+            ("CAPSULES_CAPACITY_DISK_RESERVE_MIB", "0"),
+        ]))
+        .unwrap();
+        assert_eq!((c.vcpus, c.memory_mib, c.disk_reserve_mib), (2, 2048, 0));
+        assert_eq!((c.max_vcpus(), c.max_memory_mib()), (3, 3072));
+        assert_eq!(Capacity::from_vars(|_| None).unwrap(), Capacity::from_host());
+        for bad in [
+            &[("CAPSULES_CAPACITY_VCPUS", "0")][..],
+            &[("CAPSULES_CAPACITY_VCPUS", "two")],
+            &[("CAPSULES_CAPACITY_MEMORY_MIB", "512")],
+            &[("CAPSULES_CAPACITY_OVERCOMMIT", "0.5")],
+            &[("CAPSULES_CAPACITY_OVERCOMMIT", "NaN")],
+        ] {
+            let e = Capacity::from_vars(vars(bad)).unwrap_err();
+            assert_eq!(e.kind(), capsules_core::ErrorKind::InvalidInput);
+            assert!(e.message().contains(bad[0].0), "{e}");
+        }
     }
 }

@@ -446,7 +446,7 @@ impl<V: Vmm> Inner<V> {
             s.cut(CutReason::Terminated);
         }
         if let Some(vm) = vm
-            && let Err(e) = self.stop_vm(&vm).await
+            && let Err(e) = self.stop_vm_now(&vm).await
         {
             tracing::warn!(capsule = %cap.id, error = %e, "stopping the VMM failed");
         }

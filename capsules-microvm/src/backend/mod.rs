@@ -382,6 +382,18 @@ impl<V: Vmm> Inner<V> {
             .await
     }
 
+    /// Stops a VMM whose guest no longer matters (terminate: its disk is deleted next) without a
+    /// graceful shutdown, which a guest whose init ignores the power button would only make wait
+    /// out the whole grace.
+    pub(crate) async fn stop_vm_now(&self, vm: &Arc<dyn VmHandle>) -> std::result::Result<(), VmmError> {
+        self.vm_op(
+            "stopping the VMM",
+            self.timeouts.call,
+            vm.stop(std::time::Duration::ZERO),
+        )
+        .await
+    }
+
     /// The tail of the serial log, for error messages.
     pub(crate) fn log_tail(&self, paths: &CapsulePaths) -> String {
         let t = record::tail(&paths.serial_log(), ERROR_LOG_TAIL).unwrap_or_default();

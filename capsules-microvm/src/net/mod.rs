@@ -4,7 +4,8 @@
 //! One [`Network`] per backend. Lifecycle:
 //! 1. [`Network::new`] checks privileges and tools, creates (or refreshes) `table inet <table>` and
 //!    turns IPv4 forwarding on if it was off — then the table's *forwarding guard* drops every forwarded
-//!    packet that neither enters nor leaves one of our taps, so other interfaces forward nothing, as
+//!    packet that neither enters nor leaves a capsule tap (of this backend or of another one on the
+//!    host, which marks its packets with [`OWNED_MARK`]), so other interfaces forward nothing, as
 //!    before. If forwarding was already on, other traffic is left alone.
 //! 2. At backend start: [`Network::adopt`] each live (or sleeping) capsule from its state directory,
 //!    then [`Network::sweep`] the leftovers no adopted capsule owns.
@@ -38,6 +39,7 @@ use capsules_core::types::{AllowEntry, Cidr, NetworkPolicy};
 use serde::{Deserialize, Serialize};
 
 pub use forwarder::{MAX_TCP_CONNS, MAX_UDP_INFLIGHT};
+pub use nft::OWNED_MARK;
 pub use provider::attachment;
 
 use forwarder::{Forwarder, Mode};

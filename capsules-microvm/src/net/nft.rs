@@ -4,10 +4,14 @@
 //! `taps` set; other interfaces are untouched except by the forwarding guard, see below):
 //! - `taps` (ifname set), `guests4` (our guest addresses, for NAT);
 //! - `fwd_out` / `host_in`: verdict maps `tap name -> jump out_<slot> / in_<slot>`;
+//! - chain `owned` (hook forward, before every filter chain): sets the packet-mark bit [`OWNED_MARK`]
+//!   on forwarded packets that enter or leave one of our taps;
 //! - chain `forward` (hook forward): capsule→capsule drop, return traffic to a tap only when
 //!   established/related, no IPv6 from taps, then the tap's own `out_<slot>` chain; when the backend
-//!   turned IPv4 forwarding on, a last `drop` (the *forwarding guard*) stops every forwarded packet that
-//!   neither enters nor leaves one of our taps, so the host forwards nothing else, as before;
+//!   turned IPv4 forwarding on, a last `drop` (the *forwarding guard*) stops every forwarded packet
+//!   without the [`OWNED_MARK`] bit — one that neither enters nor leaves a tap of this or of another
+//!   capsules backend on the host (another table) — so the host forwards nothing else, as before, and
+//!   two backends never drop each other's traffic;
 //! - chain `input` (hook input): from a tap only DNS (udp/tcp 53) to that tap's host address;
 //! - chain `postrouting` (nat): masquerade our guest addresses leaving through a non-tap interface;
 //! - per capsule: chains `out_<slot>`, `in_<slot>` and the timeout set `dom_<slot>` (addresses the DNS
@@ -29,6 +33,12 @@ use super::NetError;
 /// Comment that marks the forwarding guard rule (also how a restarted backend knows it turned
 /// forwarding on).
 pub(crate) const GUARD_COMMENT: &str = "capsules: forwarding guard (host had ip_forward off)";
+
+/// The packet-mark bit every capsules table sets (chain `owned`) on forwarded packets of its own
+/// taps. The forwarding guard of any capsules table lets marked packets pass, so a second backend
+/// (another table name, e.g. a test's) is not cut off by the guard of the first; each table's own
+/// rules still decide what its capsules may reach. Only this bit of the mark is changed.
+pub const OWNED_MARK: u32 = 0x0020_0000;
 
 /// What one capsule's rules are made of.
 #[derive(Debug, Clone)]
@@ -79,6 +89,10 @@ pub(crate) fn base_script(table: &str, guard: bool) -> String {
     s += &format!("add set {t} guests4 {{ type ipv4_addr; }}\n");
     s += &format!("add map {t} fwd_out {{ type ifname : verdict; }}\n");
     s += &format!("add map {t} host_in {{ type ifname : verdict; }}\n");
+    s += &format!("add chain {t} owned {{ type filter hook forward priority -10; policy accept; }}\n");
+    s += &format!("flush chain {t} owned\n");
+    s += &format!("add rule {t} owned iifname @taps meta mark set meta mark | {OWNED_MARK:#010x}\n");
+    s += &format!("add rule {t} owned oifname @taps meta mark set meta mark | {OWNED_MARK:#010x}\n");
     s += &format!("add chain {t} forward {{ type filter hook forward priority filter; policy accept; }}\n");
     s += &format!("flush chain {t} forward\n");
     s += &format!("add rule {t} forward iifname @taps oifname @taps drop comment \"no capsule to capsule\"\n");
@@ -88,7 +102,7 @@ pub(crate) fn base_script(table: &str, guard: bool) -> String {
     s += &format!("add rule {t} forward iifname vmap @fwd_out\n");
     s += &format!("add rule {t} forward iifname @taps drop\n");
     if guard {
-        s += &format!("add rule {t} forward drop comment \"{GUARD_COMMENT}\"\n");
+        s += &format!("add rule {t} forward meta mark & {OWNED_MARK:#010x} == 0 drop comment \"{GUARD_COMMENT}\"\n");
     }
     s += &format!("add chain {t} input {{ type filter hook input priority filter; policy accept; }}\n");
     s += &format!("flush chain {t} input\n");
@@ -297,6 +311,11 @@ mod tests {
             }
         }
         assert!(!base_script("capsules", false).contains("forwarding guard"));
-        assert!(base_script("capsules", true).contains(GUARD_COMMENT));
+        let guarded = base_script("capsules", true);
+        let guard = guarded.lines().find(|l| l.contains(GUARD_COMMENT)).unwrap();
+        // The guard spares packets of every capsules backend's taps (the mark the `owned` chains set).
+        assert!(guard.contains("meta mark & 0x00200000 == 0 drop"), "{guard}");
+        assert!(guarded.contains("add rule inet capsules owned iifname @taps meta mark set meta mark | 0x00200000"));
+        assert!(guarded.contains("add rule inet capsules owned oifname @taps meta mark set meta mark | 0x00200000"));
     }
 }

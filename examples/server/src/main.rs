@@ -108,7 +108,9 @@ async fn chv_backend(state_dir: &Path, network: NetworkMode) -> Result<Arc<dyn B
     let vmm = capsules_backend_chv::ChvBuilder::from_env()
         .build()
         .map_err(|e| Error::unavailable("could not set up Cloud Hypervisor").with_source(e))?;
-    let mut builder = MicroVmBackend::builder(vmm).state_dir(state_dir);
+    let mut builder = MicroVmBackend::builder(vmm)
+        .state_dir(state_dir)
+        .capacity(capsules_microvm::backend::Capacity::from_env()?);
     if let Some(net) = network_layer(network).await? {
         builder = builder.network(net);
     }
@@ -128,7 +130,9 @@ async fn qemu_backend(state_dir: &Path, network: NetworkMode) -> Result<Arc<dyn 
     use capsules_microvm::backend::MicroVmBackend;
     let config = QemuConfig::from_env().map_err(|e| Error::unavailable("could not configure QEMU").with_source(e))?;
     let vmm = QemuVmm::new(config).map_err(|e| Error::unavailable("could not set up QEMU").with_source(e))?;
-    let mut builder = MicroVmBackend::builder(vmm).state_dir(state_dir);
+    let mut builder = MicroVmBackend::builder(vmm)
+        .state_dir(state_dir)
+        .capacity(capsules_microvm::backend::Capacity::from_env()?);
     if let Some(net) = network_layer(network).await? {
         builder = builder.network(net);
     }
