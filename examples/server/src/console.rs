@@ -347,17 +347,16 @@ async fn session(socket: WebSocket, mut console: Console) {
                     m = stream.next() => {
                         heard = tokio::time::Instant::now();
                         match m {
+                            // Once the terminal is gone, input is read and dropped (the pump
+                            // reports how it ended).
                             Some(Ok(Message::Binary(b))) => {
-                                if !b.is_empty() && input.send(PtyInput::Data(b)).await.is_err() {
-                                    // The terminal is gone; the pump reports how it ended.
-                                    std::future::pending::<()>().await;
+                                if !b.is_empty() {
+                                    let _ = input.send(PtyInput::Data(b)).await;
                                 }
                             }
                             Some(Ok(Message::Text(t))) => match control(t.as_str()) {
                                 Ok(msg) => {
-                                    if input.send(msg).await.is_err() {
-                                        std::future::pending::<()>().await;
-                                    }
+                                    let _ = input.send(msg).await;
                                 }
                                 Err(message) => {
                                     let n = ConsoleNotice::Error { kind: None, message };
@@ -381,9 +380,16 @@ async fn session(socket: WebSocket, mut console: Console) {
         }
     };
 
-    tokio::select! {
-        _ = pump => {}
-        _ = reader => {}
+    tokio::pin!(pump, reader);
+    let ended = tokio::select! {
+        _ = &mut pump => true,
+        _ = &mut reader => false,
+    };
+    if ended {
+        // The closing handshake: read on until the client answers our close, so no unread input
+        // is left in the socket (closing over unread bytes resets the connection, and the client
+        // could lose the exit frame).
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut reader).await;
     }
     drop(out_tx);
     drop(console);

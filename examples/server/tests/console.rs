@@ -497,3 +497,26 @@ async fn closing_the_socket_detaches() {
     tx.write(&b"echo again\r"[..]).await.unwrap();
     until(&mut rx, "again").await;
 }
+
+#[tokio::test]
+async fn input_sent_after_the_exit_does_not_cost_the_exit_frame() {
+    let s = server().await;
+    let c = api(&s).connect(&s.owner).unwrap();
+    let cap = c.create("c-1").await.unwrap();
+    let (tx, mut rx) = cap.console(80, 24).await.unwrap().split();
+    // Several lines in one frame, then more input the exited shell never reads.
+    tx.write(&b"echo one\nstty size\nexit 3\n"[..]).await.unwrap();
+    tx.write(&b"echo never\n"[..]).await.unwrap();
+    let mut seen = String::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.next()).await.unwrap() {
+            Some(Ok(ConsoleEvent::Output(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Some(Ok(ConsoleEvent::Exit(code))) => {
+                assert_eq!(code, 3);
+                break;
+            }
+            other => panic!("expected the exit frame, got {other:?} after {seen:?}"),
+        }
+    }
+    assert!(seen.contains("one\r\n") && seen.contains("24 80"), "{seen:?}");
+}
