@@ -36,13 +36,13 @@ async fn server() -> Server {
 }
 
 /// The flags raw mode changes (what must come back exactly).
-fn modes(t: &Termios) -> (u32, u32, u32, u32) {
-    (
-        t.input_flags.bits() as u32,
-        t.output_flags.bits() as u32,
-        t.local_flags.bits() as u32,
-        t.control_flags.bits() as u32,
-    )
+fn modes(t: &Termios) -> [libc::tcflag_t; 4] {
+    [
+        t.input_flags.bits(),
+        t.output_flags.bits(),
+        t.local_flags.bits(),
+        t.control_flags.bits(),
+    ]
 }
 
 struct Tty {
