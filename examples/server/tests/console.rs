@@ -383,6 +383,18 @@ async fn the_raw_protocol_exit_frame_then_a_normal_close() {
     let s = server().await;
     api(&s).connect(&s.owner).unwrap().create("c-1").await.unwrap();
     let mut w = ws(&s, "/v1/capsules/c-1/console", Some(&s.owner)).await.unwrap();
+    // Keepalive: a ping is answered with a pong carrying the same payload.
+    w.send(Message::Ping(b"are-you-there".to_vec().into())).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Message::Pong(p) = w.next().await.expect("open").unwrap() {
+                assert_eq!(&p[..], b"are-you-there");
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a pong within 10 s");
     w.send(Message::Binary(b"exit 3\r".to_vec().into())).await.unwrap();
     let mut exit = None;
     let mut close = None;
