@@ -532,3 +532,20 @@ async fn input_sent_after_the_exit_does_not_cost_the_exit_frame() {
     }
     assert!(seen.contains("one\r\n") && seen.contains("24 80"), "{seen:?}");
 }
+
+#[tokio::test]
+async fn a_sleeping_capsule_gets_a_ticket_and_wakes_for_the_console() {
+    let s = server().await;
+    let c = api(&s).connect(&s.owner).unwrap();
+    let cap = c.create("c-1").await.unwrap();
+    cap.sleep().await.unwrap();
+    // Issuing a ticket does not wake it; opening the console does.
+    let t = ticket(&s, "c-1", &s.owner).await;
+    assert_eq!(cap.status().await.unwrap().state.as_str(), "sleeping");
+    let mut w = ws(&s, &format!("/v1/capsules/c-1/console?ticket={t}"), None)
+        .await
+        .unwrap();
+    assert_eq!(cap.status().await.unwrap().state.as_str(), "running");
+    w.send(Message::Binary(b"echo awake\r".to_vec().into())).await.unwrap();
+    ws_until(&mut w, "awake\r\n").await;
+}
