@@ -45,6 +45,7 @@ vm_target capsules-backend-qemu vm_qemu
 vm_target capsules-backend-qemu net_qemu
 vm_target capsules-backend-chv real_ch
 vm_target capsules-backend-chv contract_chv
+vm_target capsules-server vm_console
 
 step "quickstart on a real capsule"
 timeout --signal=KILL 1800 scripts/quickstart.sh
