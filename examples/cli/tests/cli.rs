@@ -316,7 +316,10 @@ async fn url_exposes_prints_and_mints_a_browser_link() {
     let path = &link[href.len() - 1..];
     let resp = raw_get(&s.url, &host, path).await;
     assert!(resp.starts_with("HTTP/1.1 303"), "{resp}");
-    assert!(resp.to_ascii_lowercase().contains("set-cookie: capsule_token=cap_"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("set-cookie: capsule_token=cap_"),
+        "{resp}"
+    );
 
     let o = capsule(&s, &s.owner, &["--json", "url", "web-1", "--public"], None).await;
     ok(&o, "url --public --json");
@@ -329,6 +332,9 @@ async fn url_exposes_prints_and_mints_a_browser_link() {
     assert_eq!(o.code, 1);
     let o = capsule(&s, &s.owner, &["url", "web-1", "--remove", "--port", "80"], None).await;
     assert_ne!(o.code, 0);
-    ok(&capsule(&s, &s.owner, &["url", "web-1", "--remove"], None).await, "url --remove");
+    ok(
+        &capsule(&s, &s.owner, &["url", "web-1", "--remove"], None).await,
+        "url --remove",
+    );
     assert!(raw_get(&s.url, &host, "/").await.starts_with("HTTP/1.1 404"));
 }

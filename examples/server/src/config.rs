@@ -163,8 +163,14 @@ mod tests {
     #[test]
     fn host_labels_under_the_domain() {
         let c = ServerConfig::default();
-        assert_eq!(c.host_label("web-1-abcdefgh.localhost:7878").as_deref(), Some("web-1-abcdefgh"));
-        assert_eq!(c.host_label("WEB-1-ABCDEFGH.LocalHost").as_deref(), Some("web-1-abcdefgh"));
+        assert_eq!(
+            c.host_label("web-1-abcdefgh.localhost:7878").as_deref(),
+            Some("web-1-abcdefgh")
+        );
+        assert_eq!(
+            c.host_label("WEB-1-ABCDEFGH.LocalHost").as_deref(),
+            Some("web-1-abcdefgh")
+        );
         assert_eq!(c.host_label("a.b.localhost").as_deref(), Some("a.b"));
         assert_eq!(c.host_label("localhost:7878"), None);
         assert_eq!(c.host_label("127.0.0.1:7878"), None);

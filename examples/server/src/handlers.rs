@@ -9,8 +9,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use capsules_client::wire::{
     CapsuleCreate, CapsulePage, CapsuleUpdate, CapsuleUsage, Events, ExecSpec, ExposeRequest, FileList, GrantRequest,
-    Ledger, PreviewTokenRequest, Revoked, SignalRequest, TeamCreate, TeamCreated, TeamUsage, TokenCreate, TokenCreated, TokenInfo,
-    TokenList, Written,
+    Ledger, PreviewTokenRequest, Revoked, SignalRequest, TeamCreate, TeamCreated, TeamUsage, TokenCreate, TokenCreated,
+    TokenInfo, TokenList, Written,
 };
 use capsules_core::backend::{ByteStream, ExecRequest};
 use capsules_core::types::{MicroCredits, Size, TeamCaps};
@@ -19,9 +19,9 @@ use futures::TryStreamExt;
 use serde::Deserialize;
 
 use crate::AppState;
-use crate::view;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Bearer, STDIN_LIMIT, parse_json, read_body};
+use crate::view;
 
 type Res<T> = Result<T, ApiError>;
 
@@ -240,7 +240,10 @@ pub(crate) async fn get_capsule(
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
 ) -> Res<Response> {
-    Ok(view::capsule_response(&st.config, &handle(&st, &bearer, &c)?.status().await?))
+    Ok(view::capsule_response(
+        &st.config,
+        &handle(&st, &bearer, &c)?.status().await?,
+    ))
 }
 
 pub(crate) async fn update_capsule(
@@ -271,7 +274,10 @@ pub(crate) async fn terminate_capsule(
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
 ) -> Res<Response> {
-    Ok(view::capsule_response(&st.config, &handle(&st, &bearer, &c)?.terminate().await?))
+    Ok(view::capsule_response(
+        &st.config,
+        &handle(&st, &bearer, &c)?.terminate().await?,
+    ))
 }
 
 pub(crate) async fn sleep_capsule(
@@ -279,7 +285,10 @@ pub(crate) async fn sleep_capsule(
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
 ) -> Res<Response> {
-    Ok(view::capsule_response(&st.config, &handle(&st, &bearer, &c)?.sleep().await?))
+    Ok(view::capsule_response(
+        &st.config,
+        &handle(&st, &bearer, &c)?.sleep().await?,
+    ))
 }
 
 pub(crate) async fn wake_capsule(
@@ -287,7 +296,10 @@ pub(crate) async fn wake_capsule(
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
 ) -> Res<Response> {
-    Ok(view::capsule_response(&st.config, &handle(&st, &bearer, &c)?.wake().await?))
+    Ok(view::capsule_response(
+        &st.config,
+        &handle(&st, &bearer, &c)?.wake().await?,
+    ))
 }
 
 pub(crate) async fn restart_capsule(
@@ -295,7 +307,10 @@ pub(crate) async fn restart_capsule(
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
 ) -> Res<Response> {
-    Ok(view::capsule_response(&st.config, &handle(&st, &bearer, &c)?.restart().await?))
+    Ok(view::capsule_response(
+        &st.config,
+        &handle(&st, &bearer, &c)?.restart().await?,
+    ))
 }
 
 // ---- commands ----

@@ -96,7 +96,8 @@ impl Refusal {
     fn from_error(e: &Error) -> Self {
         let mut r = Refusal::new(status_for(e.kind()), e.kind().as_str(), e.message());
         if e.kind() == ErrorKind::Unavailable {
-            r.headers.push((header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS)));
+            r.headers
+                .push((header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS)));
         }
         r
     }
@@ -109,7 +110,12 @@ impl Refusal {
     fn into_response(self, json: bool) -> Response {
         let mut resp = if json {
             let body = serde_json::json!({"error": {"kind": self.kind, "message": self.message}});
-            (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+            (
+                self.status,
+                [(header::CONTENT_TYPE, "application/json")],
+                body.to_string(),
+            )
+                .into_response()
         } else {
             (
                 self.status,
@@ -213,20 +219,27 @@ impl Proxy {
             Some(q) => format!("{}?{q}", parts.uri.path()),
             None => parts.uri.path().to_owned(),
         };
-        parts.uri = Uri::try_from(path_and_query)
-            .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "invalid_input", "the request target is not valid"))?;
+        parts.uri = Uri::try_from(path_and_query).map_err(|_| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "the request target is not valid",
+            )
+        })?;
         parts.version = Version::HTTP_11;
         let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(&mut parts.headers);
         if let (Some(_), Some(u)) = (&upgrade, upgrade_to) {
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, u);
         }
         strip_credentials(&mut parts.headers, bearer.is_some());
-        if !parts.headers.contains_key(header::HOST) {
-            if let Ok(h) = HeaderValue::from_str(&host) {
-                parts.headers.insert(header::HOST, h);
-            }
+        if !parts.headers.contains_key(header::HOST)
+            && let Ok(h) = HeaderValue::from_str(&host)
+        {
+            parts.headers.insert(header::HOST, h);
         }
         let proto = if self.config.tls() { "https" } else { "http" };
         parts
@@ -266,7 +279,9 @@ impl Proxy {
             let (mut parts, _) = resp.into_parts();
             let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
             strip_hop_by_hop(&mut parts.headers);
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             if let Some(u) = upgrade_to {
                 parts.headers.insert(header::UPGRADE, u);
             }
@@ -310,8 +325,13 @@ impl Proxy {
         let secure = if self.config.tls() { "; Secure" } else { "" };
         let cookie = HeaderValue::from_str(&format!("{COOKIE}={token}; HttpOnly; Path=/; SameSite=Lax{secure}"))
             .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "invalid_input", "the token is not valid"))?;
-        let location = HeaderValue::from_str(&location)
-            .map_err(|_| Refusal::new(StatusCode::BAD_REQUEST, "invalid_input", "the request target is not valid"))?;
+        let location = HeaderValue::from_str(&location).map_err(|_| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "the request target is not valid",
+            )
+        })?;
         let mut resp = StatusCode::SEE_OTHER.into_response();
         resp.headers_mut().insert(header::LOCATION, location);
         resp.headers_mut().insert(header::SET_COOKIE, cookie);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use capsules_backend_mock::MockBackend;
 use capsules_core::types::TeamCaps;
-use capsules_core::{Capsules, CapsuleId, ManualClock, MemoryStore, Scope, TokenSpec};
+use capsules_core::{CapsuleId, Capsules, ManualClock, MemoryStore, Scope, TokenSpec};
 use capsules_server::{ServerConfig, app_with};
 use futures::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -306,7 +306,10 @@ async fn a_browser_trades_the_query_token_for_a_host_only_cookie() {
     let (cap, label) = exposed(&s, "web-c", "token").await;
     let pt = cap.preview_token(Duration::from_secs(600)).await.unwrap();
     let url = cap.url().await.unwrap().unwrap();
-    assert!(url.browser_url(&pt.secret).ends_with(&format!("/?capsule_token={}", pt.secret)));
+    assert!(
+        url.browser_url(&pt.secret)
+            .ends_with(&format!("/?capsule_token={}", pt.secret))
+    );
 
     let r = get(&s, &label, &format!("/page?a=1&capsule_token={}&b=2", pt.secret))
         .send()
@@ -336,7 +339,10 @@ async fn a_browser_trades_the_query_token_for_a_host_only_cookie() {
     assert_eq!(v["cookie"], serde_json::json!([]));
 
     // Without the query, the path alone.
-    let r = get(&s, &label, &format!("/?capsule_token={}", pt.secret)).send().await.unwrap();
+    let r = get(&s, &label, &format!("/?capsule_token={}", pt.secret))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["location"], "/");
 
     // A bad query token: 401, no cookie; a stale cookie: 401 and the cookie is cleared.
@@ -358,7 +364,10 @@ async fn tls_cookies_are_secure() {
     let s = server_with(|c| c.with_tls(true)).await;
     let (cap, label) = exposed_tls(&s).await;
     let pt = cap.preview_token(Duration::from_secs(60)).await.unwrap();
-    let r = get(&s, &label, &format!("/?capsule_token={}", pt.secret)).send().await.unwrap();
+    let r = get(&s, &label, &format!("/?capsule_token={}", pt.secret))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 303);
     assert!(r.headers()["set-cookie"].to_str().unwrap().ends_with("; Secure"));
 }
@@ -378,7 +387,10 @@ async fn unknown_labels_are_404_and_the_api_keeps_its_hosts() {
     let r = get(&s, "nope-aaaaaaaa", "/").send().await.unwrap();
     assert_eq!(r.status(), 404);
     let text = r.text().await.unwrap();
-    assert!(text.contains("no capsule is exposed at nope-aaaaaaaa.localhost"), "{text}");
+    assert!(
+        text.contains("no capsule is exposed at nope-aaaaaaaa.localhost"),
+        "{text}"
+    );
     // A client that asks for JSON gets the API's error shape.
     let r = get(&s, "nope-aaaaaaaa", "/")
         .header("accept", "application/json")
@@ -509,14 +521,20 @@ async fn websockets_upgrade_through_the_proxy() {
         if n >= 400_000 {
             break n;
         }
-        assert!(Instant::now() < deadline, "the open stream's bytes are not metered: {n}");
+        assert!(
+            Instant::now() < deadline,
+            "the open stream's bytes are not metered: {n}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     ws.send(Message::binary(vec![1u8; 100_000])).await.unwrap();
     ws.next().await.unwrap().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while traffic_bytes(&cap).await < before + 200_000 {
-        assert!(Instant::now() < deadline, "no traffic recorded while the stream is open");
+        assert!(
+            Instant::now() < deadline,
+            "no traffic recorded while the stream is open"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     ws.close(None).await.unwrap();
@@ -526,11 +544,7 @@ async fn websockets_upgrade_through_the_proxy() {
 async fn traffic_is_metered_both_ways_and_counts_as_activity() {
     let s = server().await;
     let c = api(&s).connect(&s.owner).unwrap();
-    let cap = c
-        .create("web-m")
-        .idle_timeout(Duration::from_secs(120))
-        .await
-        .unwrap();
+    let cap = c.create("web-m").idle_timeout(Duration::from_secs(120)).await.unwrap();
     serve_web(&s, &cap.created().unwrap().id, PORT);
     let label = cap.expose(PORT, "public").await.unwrap().host_label;
 
@@ -554,9 +568,16 @@ async fn traffic_is_metered_both_ways_and_counts_as_activity() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(u.usage.preview_bytes >= 3 * MIB as u64, "{:?}", u.usage);
-    assert!(u.usage.preview_bytes < 3 * MIB as u64 + 10_000, "headers only on top: {:?}", u.usage);
+    assert!(
+        u.usage.preview_bytes < 3 * MIB as u64 + 10_000,
+        "headers only on top: {:?}",
+        u.usage
+    );
     assert_eq!(u.usage.traffic_mib, 3);
-    assert_eq!(u.usage.traffic_cost.micros(), 3 * s.capsules.rates().traffic_mib.micros());
+    assert_eq!(
+        u.usage.traffic_cost.micros(),
+        3 * s.capsules.rates().traffic_mib.micros()
+    );
     let ledger = c.ledger().await.unwrap();
     assert!(ledger.entries.iter().any(|e| e.entry.kind.as_str() == "traffic"));
 

@@ -111,7 +111,11 @@ fn sh(args: &[&str]) -> R {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -189,15 +193,23 @@ async fn case(ctx: &Ctx) -> R {
         .map_err(|e| format!("the preview request: {e}"))?;
     let status = r.status();
     let body = r.text().await.map_err(|e| e.to_string())?;
-    eprintln!("  preview request to the sleeping capsule: {status} after {:?}", t.elapsed());
+    eprintln!(
+        "  preview request to the sleeping capsule: {status} after {:?}",
+        t.elapsed()
+    );
     ensure!(status == 200, "the held request got {status}: {body}");
-    ensure!(body == "hello from the capsule: GET /woken?x=1 HTTP/1.1\n", "body: {body:?}");
+    ensure!(
+        body == "hello from the capsule: GET /woken?x=1 HTTP/1.1\n",
+        "body: {body:?}"
+    );
     let state = cap.status().await.map_err(|e| e.to_string())?.state;
     ensure!(state.as_str() == "running", "after the request: {state}");
 
     // A WebSocket through the same URL: no token → 401; a preview token → echo.
     let ws_req = |token: Option<&str>| {
-        let mut req = format!("ws://{}/ws", ctx.addr).into_client_request().expect("a ws request");
+        let mut req = format!("ws://{}/ws", ctx.addr)
+            .into_client_request()
+            .expect("a ws request");
         req.headers_mut()
             .insert("host", HeaderValue::from_str(&host).expect("a host"));
         if let Some(t) = token {
@@ -208,7 +220,9 @@ async fn case(ctx: &Ctx) -> R {
         }
         req
     };
-    let tcp = tokio::net::TcpStream::connect(ctx.addr).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(ctx.addr)
+        .await
+        .map_err(|e| e.to_string())?;
     match tokio_tungstenite::client_async(ws_req(None), tcp).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
             ensure!(r.status() == 401, "ws without a token: {}", r.status())
@@ -220,7 +234,9 @@ async fn case(ctx: &Ctx) -> R {
         .preview_token(Duration::from_secs(600))
         .await
         .map_err(|e| format!("preview token: {e}"))?;
-    let tcp = tokio::net::TcpStream::connect(ctx.addr).await.map_err(|e| e.to_string())?;
+    let tcp = tokio::net::TcpStream::connect(ctx.addr)
+        .await
+        .map_err(|e| e.to_string())?;
     let (mut ws, resp) = tokio_tungstenite::client_async(ws_req(Some(pt.secret.expose())), tcp)
         .await
         .map_err(|e| format!("ws with a preview token: {e}"))?;
@@ -251,7 +267,9 @@ async fn case(ctx: &Ctx) -> R {
 }
 
 async fn cleanup(ctx: &Ctx) {
-    let Ok(c) = ctx.capsules.connect(&ctx.owner) else { return };
+    let Ok(c) = ctx.capsules.connect(&ctx.owner) else {
+        return;
+    };
     for rec in c.list().await.unwrap_or_default() {
         if let Ok(h) = c.capsule(rec.id.as_str()) {
             if let Err(e) = h.terminate().await {
