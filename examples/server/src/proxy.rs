@@ -293,7 +293,13 @@ impl Proxy {
     }
 
     async fn authorize(&self, target: &PreviewTarget, token: &str, source: Source) -> Res<PreviewTarget> {
-        match self.preview.authorize(&target.host_label, Some(token)).await {
+        // Checked first even where access is public: the query token becomes a cookie, so it must
+        // be a well-formed token (no `;` or attributes smuggled into Set-Cookie).
+        let checked = match capsules_core::tokens::parse_secret(token) {
+            Ok(_) => self.preview.authorize(&target.host_label, Some(token)).await,
+            Err(e) => Err(e),
+        };
+        match checked {
             Ok(t) => Ok(t),
             Err(e) => {
                 let mut r = Refusal::from_error(&e);
