@@ -17,8 +17,11 @@
 //! ```
 //!
 //! Every route is in [`route_table`] and in the OpenAPI document served at `/v1/openapi.json`.
-//! The preview proxy plugs in beside these routes (a router keyed on the `Host` header, in front
-//! of this one).
+//!
+//! In front of the API, on the same port, sits the **preview proxy**: a request whose `Host` is
+//! `<host label>.<preview domain>[:port]` (default domain `localhost`, see [`ServerConfig`]) goes
+//! to the port the capsule exposes (through the backend's `connect`, waking it if it sleeps);
+//! every other host is the API's. [`app_with`] takes the configuration.
 //!
 //! ## The console
 //!
@@ -48,10 +51,13 @@
 //!   counts as activity.
 
 pub mod console;
+mod config;
 pub mod error;
 pub mod extract;
 mod handlers;
 mod ndjson;
+mod proxy;
+mod view;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,6 +71,7 @@ use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use capsules_core::Capsules;
 use capsules_core::records::CapsuleRecord;
 
+pub use config::{DEFAULT_PREVIEW_HOLD, DEFAULT_TRAFFIC_FLUSH, ServerConfig};
 pub use error::{ApiError, status_for};
 
 /// The OpenAPI document of the `/v1` API (hand-written).
@@ -78,21 +85,45 @@ pub(crate) struct AppState {
     pub(crate) capsules: Capsules,
     pub(crate) idempotency: Arc<Mutex<IdemMap>>,
     pub(crate) tickets: Arc<console::Tickets>,
+    pub(crate) config: Arc<ServerConfig>,
 }
 
-/// Builds the app: every `/v1` route over `capsules`.
+/// Builds the app with the default [`ServerConfig`]: every `/v1` route over `capsules`, and the
+/// preview proxy under `*.localhost`.
 pub fn app(capsules: Capsules) -> Router {
+    app_with(capsules, ServerConfig::default())
+}
+
+/// Builds the app: the preview proxy for hosts under the preview domain, every `/v1` route for
+/// the rest.
+pub fn app_with(capsules: Capsules, config: ServerConfig) -> Router {
+    let config = Arc::new(config);
+    let proxy = proxy::Proxy::new(capsules.preview(), config.clone());
     let state = AppState {
         capsules,
         idempotency: Arc::default(),
         tickets: Arc::default(),
+        config,
     };
-    routes()
+    let api = routes()
         .0
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(log_request))
-        .with_state(state)
+        .with_state(state);
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::from_fn_with_state(proxy, proxy::dispatch))
+}
+
+tokio::task_local! {
+    /// The port the API request being answered came to (from its `Host`), for URLs in answers.
+    static REQUEST_PORT: Option<u16>;
+}
+
+/// The port of the API request being answered, if its `Host` named one.
+pub(crate) fn request_port() -> Option<u16> {
+    REQUEST_PORT.try_with(|p| *p).ok().flatten()
 }
 
 /// Every (method, path) the router serves, in the router's own path syntax.
@@ -170,6 +201,11 @@ fn routes() -> (Router<AppState>, Vec<(Method, &'static str)>) {
         // URL
         .add(Method::PUT, "/v1/capsules/{capsule}/url", put(h::expose))
         .add(Method::DELETE, "/v1/capsules/{capsule}/url", delete(h::unexpose))
+        .add(
+            Method::POST,
+            "/v1/capsules/{capsule}/preview-token",
+            post(h::preview_token),
+        )
         // team
         .add(Method::GET, "/v1/team/usage", get(h::team_usage))
         .add(Method::GET, "/v1/team/ledger", get(h::team_ledger))
