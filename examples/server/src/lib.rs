@@ -21,6 +21,7 @@
 //! (`GET /v1/capsules/{ref}/console`) and the preview proxy (a router keyed on the `Host`
 //! header, in front of this one).
 
+pub mod console;
 pub mod error;
 pub mod extract;
 mod handlers;
@@ -52,8 +53,29 @@ pub(crate) struct AppState {
     pub(crate) idempotency: Arc<Mutex<IdemMap>>,
 }
 
-/// Builds the app: every `/v1` route over `capsules`.
+/// Builds the app: every `/v1` route over `capsules`, and the web console from
+/// [`console::default_dir`].
 pub fn app(capsules: Capsules) -> Router {
+    app_with(capsules, Options::default())
+}
+
+/// What the app serves besides the API.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The built web console (`index.html` and `assets/`), served under `/console/`.
+    pub console_dir: std::path::PathBuf,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            console_dir: console::default_dir(),
+        }
+    }
+}
+
+/// [`app`] with explicit [`Options`].
+pub fn app_with(capsules: Capsules, options: Options) -> Router {
     let state = AppState {
         capsules,
         idempotency: Arc::default(),
@@ -62,8 +84,9 @@ pub fn app(capsules: Capsules) -> Router {
         .0
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+        .merge(console::router(options.console_dir))
+        .layer(axum::middleware::from_fn(log_request))
 }
 
 /// Every (method, path) the router serves, in the router's own path syntax.
@@ -93,6 +116,7 @@ fn routes() -> (Router<AppState>, Vec<(Method, &'static str)>) {
     };
     let r = r
         .add(Method::GET, "/v1/openapi.json", get(openapi))
+        .add(Method::GET, "/v1/sizes", get(h::sizes))
         // tokens
         .add(Method::POST, "/v1/tokens", post(h::create_token))
         .add(Method::GET, "/v1/tokens", get(h::list_tokens))

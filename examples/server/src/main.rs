@@ -51,6 +51,10 @@ struct Args {
     /// Where state lives: `sqlite` (durable, <state-dir>/capsules.db) or `memory` (lost on exit).
     #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
     store: StoreKind,
+    /// The built web console served under /console/ (`npm ci && npm run build` in
+    /// examples/server/console) [default: examples/server/console/dist of this source tree].
+    #[arg(long, env = "CAPSULES_CONSOLE_DIR")]
+    console_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -243,6 +247,16 @@ async fn run(args: Args) -> Result<()> {
         "capsules-server: listening on http://{addr} (backend {}, accelerator {})",
         info.name, info.accelerator
     );
+    let console_dir = args.console_dir.unwrap_or_else(capsules_server::console::default_dir);
+    if capsules_server::console::is_built(&console_dir) {
+        println!("capsules-server: web console at http://{addr}/console/ (sign in with a token)");
+    } else {
+        println!(
+            "capsules-server: the web console is not built (no {}); build it with `{}`",
+            console_dir.join("index.html").display(),
+            capsules_server::console::BUILD_COMMAND
+        );
+    }
     // Streamed responses (exec output) go out at once instead of waiting on delayed ACKs.
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
@@ -250,7 +264,8 @@ async fn run(args: Args) -> Result<()> {
             tracing::warn!("could not set TCP_NODELAY: {e}");
         }
     });
-    axum::serve(listener, capsules_server::app(capsules))
+    let options = capsules_server::Options { console_dir };
+    axum::serve(listener, capsules_server::app_with(capsules, options))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| Error::internal("the server stopped").with_source(e))

@@ -1,0 +1,357 @@
+//! Headless Chromium for the console tests, driven over WebDriver (`chromedriver`, W3C protocol)
+//! with a few plain HTTP calls: no client crate needed. Chromium runs with a fresh profile, no
+//! background networking, and talks only to the loopback server the test started.
+//!
+//! The prerequisites (Debian's `chromium` and `chromium-driver`, and the built console assets)
+//! are checked by [`prerequisites`]; a missing one makes a case "ignored: <reason>", except when
+//! `CI` is set, where it fails.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{Value, json};
+
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// Why the browser cases cannot run here, if they cannot.
+pub fn prerequisites(console_dir: &Path) -> Result<(), String> {
+    if !Path::new(CHROMIUM).is_file() {
+        return Err(format!("{CHROMIUM} is not installed (apt-get install chromium)"));
+    }
+    if !Path::new(CHROMEDRIVER).is_file() {
+        return Err(format!(
+            "{CHROMEDRIVER} is not installed (apt-get install chromium-driver)"
+        ));
+    }
+    if !capsules_server::console::is_built(console_dir) {
+        return Err(format!(
+            "the console assets are not built in {} (run `{}`)",
+            console_dir.display(),
+            capsules_server::console::BUILD_COMMAND
+        ));
+    }
+    Ok(())
+}
+
+/// Where screenshots go: `<target>/console-screenshots/`.
+pub fn screenshot_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .map(|p| p.join("console-screenshots"))
+        .unwrap_or_else(|| PathBuf::from("console-screenshots"));
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// A chromedriver process in a process group of its own (the browsers it starts join it), killed
+/// as a group on drop, so no Chromium outlives a failed test.
+pub struct Driver {
+    child: Child,
+    pub url: String,
+    http: reqwest::Client,
+    _profiles: tempfile::TempDir,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Driver {
+    pub async fn start() -> Result<Driver, String> {
+        use std::os::unix::process::CommandExt;
+        let port = free_port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("could not start {CHROMEDRIVER}: {e}"))?;
+        let d = Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+            _profiles: tempfile::tempdir().map_err(|e| e.to_string())?,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = d.http.get(format!("{}/status", d.url)).send().await
+                && r.status().is_success()
+            {
+                return Ok(d);
+            }
+            if Instant::now() > deadline {
+                return Err("chromedriver did not answer within 20 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A new headless browser window (its own fresh profile).
+    pub async fn session(&self, width: u32, height: u32) -> Result<Session, String> {
+        let profile = tempfile::tempdir_in(self._profiles.path()).map_err(|e| e.to_string())?;
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            // Dialogs stay open so the test can see them (and fail on them).
+            "unhandledPromptBehavior": "ignore",
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run",
+                    "--disable-gpu", "--disable-dev-shm-usage", "--disable-default-apps",
+                    "--disable-extensions", "--no-default-browser-check", "--hide-scrollbars",
+                    format!("--user-data-dir={}", profile.path().display()),
+                    format!("--window-size={width},{height}"),
+                ],
+            },
+        }}});
+        let v = call(
+            &self.http,
+            reqwest::Method::POST,
+            &format!("{}/session", self.url),
+            Some(caps),
+        )
+        .await?;
+        let id = v["sessionId"]
+            .as_str()
+            .ok_or_else(|| format!("no session id in {v}"))?
+            .to_owned();
+        let s = Session {
+            base: format!("{}/session/{id}", self.url),
+            http: self.http.clone(),
+            _profile: profile,
+        };
+        s.set_window(width, height).await?;
+        Ok(s)
+    }
+}
+
+async fn call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
+    let mut r = http.request(method.clone(), url).timeout(Duration::from_secs(60));
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.map_err(|e| format!("{method} {url}: {e}"))?;
+    let status = resp.status();
+    let v: Value = resp.json().await.map_err(|e| format!("{method} {url}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!(
+            "webdriver {}: {}",
+            v["value"]["error"].as_str().unwrap_or("error"),
+            v["value"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .lines()
+                .next()
+                .unwrap_or("")
+        ));
+    }
+    Ok(v["value"].clone())
+}
+
+/// One browser window.
+pub struct Session {
+    base: String,
+    http: reqwest::Client,
+    _profile: tempfile::TempDir,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Session {
+    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+        call(&self.http, method, &format!("{}{path}", self.base), body).await
+    }
+
+    pub async fn goto(&self, url: &str) -> Result<(), String> {
+        self.cmd(reqwest::Method::POST, "/url", Some(json!({ "url": url })))
+            .await
+            .map(drop)
+    }
+
+    pub async fn set_window(&self, width: u32, height: u32) -> Result<(), String> {
+        self.cmd(
+            reqwest::Method::POST,
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Runs `script` (a function body; `arguments` are `args`) in the page.
+    pub async fn js(&self, script: &str, args: Value) -> Result<Value, String> {
+        self.cmd(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({"script": script, "args": args})),
+        )
+        .await
+    }
+
+    async fn element(&self, css: &str) -> Result<String, String> {
+        let v = self
+            .cmd(
+                reqwest::Method::POST,
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await
+            .map_err(|e| format!("{css}: {e}"))?;
+        v[ELEMENT]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{css}: no element id in {v}"))
+    }
+
+    /// Types `text` into the element (WebDriver key codes such as `\u{E007}` Enter allowed).
+    pub async fn type_into(&self, css: &str, text: &str) -> Result<(), String> {
+        let id = self.element(css).await?;
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{id}/value"),
+            Some(json!({ "text": text })),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn clear(&self, css: &str) -> Result<(), String> {
+        let id = self.element(css).await?;
+        self.cmd(reqwest::Method::POST, &format!("/element/{id}/clear"), Some(json!({})))
+            .await
+            .map(drop)
+    }
+
+    pub async fn click(&self, css: &str) -> Result<(), String> {
+        let id = self.element(css).await?;
+        self.cmd(reqwest::Method::POST, &format!("/element/{id}/click"), Some(json!({})))
+            .await
+            .map(drop)
+    }
+
+    /// Key presses through the actions API (to whatever has focus), e.g. Ctrl-C.
+    pub async fn keys(&self, actions: Vec<Value>) -> Result<(), String> {
+        let body = json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]});
+        self.cmd(reqwest::Method::POST, "/actions", Some(body)).await.map(drop)
+    }
+
+    /// The element's textContent, or None when there is no such element.
+    pub async fn text(&self, css: &str) -> Result<Option<String>, String> {
+        let v = self
+            .js(
+                "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;",
+                json!([css]),
+            )
+            .await?;
+        Ok(v.as_str().map(str::to_owned))
+    }
+
+    pub async fn hash(&self) -> Result<String, String> {
+        Ok(self
+            .js("return location.hash", json!([]))
+            .await?
+            .as_str()
+            .unwrap_or("")
+            .to_owned())
+    }
+
+    /// Polls `f` until it returns Some, or fails after `secs` with `what`.
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, secs: u64, mut f: F) -> Result<T, String>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<T>, String>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut last_err = String::new();
+        loop {
+            match f().await {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => {}
+                Err(e) => last_err = e,
+            }
+            if Instant::now() > deadline {
+                return Err(format!("timed out after {secs} s waiting for {what} {last_err}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the element's text contains `needle`; returns the text.
+    pub async fn wait_text(&self, css: &str, needle: &str, secs: u64) -> Result<String, String> {
+        self.wait_for(&format!("{css} to contain {needle:?}"), secs, || async {
+            Ok(self.text(css).await?.filter(|t| t.contains(needle)))
+        })
+        .await
+    }
+
+    /// The text of an open dialog (alert/confirm), if one is open.
+    pub async fn dialog(&self) -> Result<Option<String>, String> {
+        match self.cmd(reqwest::Method::GET, "/alert/text", None).await {
+            Ok(v) => Ok(Some(v.as_str().unwrap_or("").to_owned())),
+            Err(e) if e.contains("no such alert") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn accept_dialog(&self) -> Result<(), String> {
+        self.cmd(reqwest::Method::POST, "/alert/accept", Some(json!({})))
+            .await
+            .map(drop)
+    }
+
+    /// Saves a PNG of the window as `<screenshot dir>/<name>.png`; prints and returns the path.
+    pub async fn screenshot(&self, name: &str) -> Result<PathBuf, String> {
+        let v = self.cmd(reqwest::Method::GET, "/screenshot", None).await?;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap_or(""))
+            .map_err(|e| e.to_string())?;
+        let path = screenshot_dir().join(format!("{name}.png"));
+        std::fs::write(&path, png).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("screenshot: {}", path.display());
+        Ok(path)
+    }
+
+    pub async fn quit(self) {
+        let _ = self.cmd(reqwest::Method::DELETE, "", None).await;
+    }
+
+    /// Signs in on the console at `base` with `token` and waits for the capsule list.
+    pub async fn sign_in(&self, base: &str, token: &str) -> Result<(), String> {
+        self.goto(&format!("{base}/console/#/sign-in")).await?;
+        self.wait_for("the sign-in form", 20, || async {
+            Ok(self.text("#sign-in-form").await?)
+        })
+        .await?;
+        self.type_into("#token", token).await?;
+        self.click("#sign-in").await?;
+        self.wait_for("the capsule list", 20, || async {
+            Ok(self.text("#capsule-list").await?.filter(|t| !t.contains("Loading")))
+        })
+        .await
+        .map(drop)
+    }
+}
