@@ -37,6 +37,13 @@ export async function terminalPage(view: HTMLElement, name: string): Promise<() 
   term.open(host);
   fit.fit();
   term.focus();
+  // The size the capsule's PTY is told, for people (a tooltip) and tests alike.
+  const showSize = () => {
+    host.dataset.cols = String(term.cols);
+    host.dataset.rows = String(term.rows);
+    host.title = `${term.cols}×${term.rows}`;
+  };
+  showSize();
 
   let ws: WebSocket | null = null;
   let closed = false;
@@ -96,6 +103,7 @@ export async function terminalPage(view: HTMLElement, name: string): Promise<() 
     if (sock.readyState === WebSocket.OPEN) sock.send(Uint8Array.from(d, (c) => c.charCodeAt(0)));
   });
   const resized = term.onResize(({ cols, rows }) => {
+    showSize();
     if (sock.readyState === WebSocket.OPEN) sock.send(JSON.stringify({ type: "resize", cols, rows }));
   });
   let pending = 0;
