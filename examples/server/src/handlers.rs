@@ -162,9 +162,8 @@ fn create_field(mut e: ApiError) -> ApiError {
         return e;
     }
     let m = e.error.message().to_ascii_lowercase();
-    let field = if m.contains("name prefix") || m.starts_with("capsule name") || m.starts_with("name ") {
-        Some("name")
-    } else if e.error.kind() == capsules_core::ErrorKind::AlreadyExists {
+    let name_taken = e.error.kind() == capsules_core::ErrorKind::AlreadyExists;
+    let field = if name_taken || m.contains("name prefix") || m.starts_with("capsule name") || m.starts_with("name ") {
         Some("name")
     } else if m.contains("credit limit") || m.starts_with("amount") {
         Some("credit_limit")

@@ -271,7 +271,7 @@ async fn exec_output_is_text() -> R {
     with_browser("exec_output_is_text", |_d, b| async move {
         b.sign_in(&s.url, &agent).await?;
         b.goto(&format!("{}/console/#/capsules/agent-xss", s.url)).await?;
-        b.wait_for("the run box", 10, || async { Ok(b.text("#exec-form").await?) })
+        b.wait_for("the run box", 10, || async { b.text("#exec-form").await })
             .await?;
         b.type_into("#exec-cmd", "cat page.html").await?;
         b.click("#exec-run").await?;
@@ -330,16 +330,14 @@ async fn mint_use_and_revoke_a_token() -> R {
         owner.sign_in(&s.url, &s.owner).await?;
         owner.goto(&format!("{}/console/#/team", s.url)).await?;
         owner
-            .wait_for("the mint form", 10, || async { Ok(owner.text("#mint-form").await?) })
+            .wait_for("the mint form", 10, || async { owner.text("#mint-form").await })
             .await?;
         owner.click("input[data-scope=\"agent:write\"]").await?;
         owner.type_into("#t-prefix", "agent-").await?;
         owner.type_into("#t-label", "from-the-console").await?;
         owner.click("#mint").await?;
         let secret = owner
-            .wait_for("the minted secret", 10, || async {
-                Ok(owner.text("#minted-secret").await?)
-            })
+            .wait_for("the minted secret", 10, || async { owner.text("#minted-secret").await })
             .await?;
         ensure!(secret.starts_with("cap_"), "the secret shown: {secret:?}");
         // Shown once: gone after leaving the page and coming back.
@@ -421,21 +419,11 @@ async fn sign_in_to_capsule_page_time() -> R {
     with_browser("sign_in_to_capsule_page", |_d, b| async move {
         let mut samples = Vec::new();
         for _ in 0..5 {
-            b.goto(&format!("{}/console/#/sign-in", s.url)).await?;
-            b.js("sessionStorage.clear(); location.reload()", json!([])).await?;
-            b.wait_for("the sign-in form", 10, || async { Ok(b.text("#sign-in-form").await?) }).await?;
-            b.js("document.querySelector('#token').value = arguments[0]", json!([agent])).await?;
-            let t0 = Instant::now();
-            b.click("#sign-in").await?;
-            b.wait_text("#capsules-table", "agent-t9", 10).await?;
-            b.click("tr[data-capsule=\"agent-t9\"] a").await?;
-            b.wait_for("the chart", 10, || async { Ok(b.text("#usage").await?.filter(|t| t.contains("compute minutes"))) })
-                .await?;
-            samples.push(t0.elapsed());
+            samples.push(b.time_sign_in_to_capsule_page(&s.url, &agent, "agent-t9").await?);
         }
-        samples.sort();
+        samples.sort_by(f64::total_cmp);
         println!(
-            "measure: sign-in to a listed capsule page (mock, 10 capsules, WebDriver round trips included): median {:?}, min {:?}, max {:?}",
+            "measure: sign-in to a listed capsule page (mock, 10 capsules, measured in the page): median {:.1} ms, min {:.1} ms, max {:.1} ms (criterion: cargo bench -p capsules-benches --bench console)",
             samples[samples.len() / 2],
             samples[0],
             samples[samples.len() - 1]
@@ -472,7 +460,7 @@ async fn headers_are_strict() -> R {
     );
     with_browser("csp_blocks_inline_script", |_d, b| async move {
         b.goto(&format!("{}/console/#/sign-in", s.url)).await?;
-        b.wait_for("the sign-in form", 10, || async { Ok(b.text("#sign-in-form").await?) }).await?;
+        b.wait_for("the sign-in form", 10, || async { b.text("#sign-in-form").await }).await?;
         // An inline script added to the page does not run under the policy.
         let ran = b
             .js(

@@ -172,6 +172,29 @@ async fn call(
     Ok(v["value"].clone())
 }
 
+const SIGN_IN_TO_CAPSULE_PAGE_JS: &str = r##"
+const [token, name, done] = arguments;
+const until = (f) => new Promise((resolve, reject) => {
+  const found = f();
+  if (found) return resolve(found);
+  const timer = setTimeout(() => { o.disconnect(); reject(new Error("timeout")); }, 20000);
+  const o = new MutationObserver(() => {
+    const v = f();
+    if (v) { o.disconnect(); clearTimeout(timer); resolve(v); }
+  });
+  o.observe(document.body, { subtree: true, childList: true, attributes: true });
+});
+(async () => {
+  document.querySelector("#token").value = token;
+  const t0 = performance.now();
+  document.querySelector("#sign-in").click();
+  const link = await until(() => document.querySelector(`tr[data-capsule="${name}"] a`));
+  link.click();
+  await until(() => document.querySelector("#usage-chart"));
+  done(performance.now() - t0);
+})().catch((e) => done(String(e)));
+"##;
+
 /// One browser window.
 pub struct Session {
     base: String,
@@ -210,6 +233,33 @@ impl Session {
             Some(json!({"script": script, "args": args})),
         )
         .await
+    }
+
+    /// Runs `script` asynchronously: it calls `arguments[arguments.length - 1]` with its result.
+    pub async fn js_async(&self, script: &str, args: Value) -> Result<Value, String> {
+        self.cmd(
+            reqwest::Method::POST,
+            "/execute/async",
+            Some(json!({"script": script, "args": args})),
+        )
+        .await
+    }
+
+    /// From a fresh sign-in page: signs in with `token`, opens `capsule` from the list, and waits
+    /// for its page (usage chart drawn). Returns the milliseconds the page itself measured from the
+    /// sign-in click (no WebDriver round trip inside).
+    pub async fn time_sign_in_to_capsule_page(&self, base: &str, token: &str, capsule: &str) -> Result<f64, String> {
+        self.goto(&format!("{base}/console/#/sign-in")).await?;
+        self.js("sessionStorage.clear(); location.reload()", json!([])).await?;
+        self.wait_for("the sign-in form", 20, || async { self.text("#sign-in-form").await })
+            .await?;
+        let v = self
+            .js_async(SIGN_IN_TO_CAPSULE_PAGE_JS, json!([token, capsule]))
+            .await?;
+        match v.as_f64() {
+            Some(ms) if ms >= 0.0 => Ok(ms),
+            _ => Err(format!("the page did not reach {capsule}'s page: {v}")),
+        }
     }
 
     async fn element(&self, css: &str) -> Result<String, String> {
@@ -342,10 +392,8 @@ impl Session {
     /// Signs in on the console at `base` with `token` and waits for the capsule list.
     pub async fn sign_in(&self, base: &str, token: &str) -> Result<(), String> {
         self.goto(&format!("{base}/console/#/sign-in")).await?;
-        self.wait_for("the sign-in form", 20, || async {
-            Ok(self.text("#sign-in-form").await?)
-        })
-        .await?;
+        self.wait_for("the sign-in form", 20, || async { self.text("#sign-in-form").await })
+            .await?;
         self.type_into("#token", token).await?;
         self.click("#sign-in").await?;
         self.wait_for("the capsule list", 20, || async {

@@ -216,7 +216,7 @@ function renderUsage(el: HTMLElement, entries: LedgerEntry[]): void {
       h("span", { class: "stat muted" }, `compute ${credits(compute)}, other ${credits(data.cost - compute)}`),
       h("span", { class: "legend" }, h("span", { class: "key minutes" }), "minutes ", h("span", { class: "key cost" }), "cost"),
     ),
-    usageChart(data),
+    usageChart(data, Math.max(480, Math.round(el.clientWidth) || 640)),
   );
 }
 
