@@ -13,7 +13,7 @@ use capsules_core::{Capsules, MemoryStore, Scope, TokenSpec};
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 
 fn sign_in_to_capsule_page(c: &mut Criterion) {
-    let dir = capsules_server::console::default_dir();
+    let dir = capsules_server::webconsole::default_dir();
     if let Err(why) = browser::prerequisites(&dir) {
         eprintln!("console bench: ignored: {why}");
         return;

@@ -155,6 +155,25 @@ impl CapsuleHandle {
             .await
     }
 
+    // ---- console ----
+
+    /// Opens a terminal (the login shell, in `/workspace`) of `cols` x `rows` (1-1000 each) over
+    /// the console WebSocket. Detach with [`ConsoleSender::close`](crate::ConsoleSender::close).
+    pub async fn console(&self, cols: u16, rows: u16) -> Result<crate::ConsoleSession> {
+        let url = format!(
+            "{}{}",
+            crate::console::ws_base(self.http.base())?,
+            self.path(&format!("/console?cols={cols}&rows={rows}"))
+        );
+        crate::console::open(&url, &self.secret, cols, rows).await
+    }
+
+    /// A single-use, 30-second ticket that opens this capsule's console WebSocket without an
+    /// `Authorization` header (`?ticket=`): what a browser needs.
+    pub async fn console_ticket(&self) -> Result<crate::wire::ConsoleTicket> {
+        self.post("/console/ticket").await
+    }
+
     // ---- files ----
 
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {

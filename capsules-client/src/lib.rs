@@ -26,6 +26,7 @@
 //! cannot be reached is `Unavailable` with the cause in the source chain.
 
 mod capsule;
+mod console;
 mod http;
 pub mod wire;
 
@@ -40,6 +41,7 @@ use reqwest::Method;
 
 pub use capsule::{CapsuleHandle, ExecBuilder, UpdateBuilder};
 pub use capsules_core::ListOptions;
+pub use console::{ConsoleEvent, ConsoleReceiver, ConsoleSender, ConsoleSession, MAX_CONSOLE_SIDE};
 use http::Http;
 use wire::{
     CapsuleCreate, CapsulePage, Events, GrantRequest, Ledger, Revoked, TeamCreate, TeamCreated, TeamUsage, TokenCreate,

@@ -279,3 +279,39 @@ pub struct GrantRequest {
     pub amount: String,
     pub reason: String,
 }
+
+// ---- console ----
+
+/// `POST /v1/capsules/{capsule}/console/ticket` → 201: a single-use ticket for the console
+/// WebSocket (`?ticket=`), for clients that cannot send an `Authorization` header (browsers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleTicket {
+    /// `ct_` + 64 hex characters (32 random bytes).
+    pub ticket: String,
+    pub expires_in_secs: u64,
+}
+
+/// A text frame from the client on the console WebSocket (binary frames are terminal input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ConsoleControl {
+    /// `{"type":"resize","cols":N,"rows":N}` (1-1000 each).
+    Resize { cols: u16, rows: u16 },
+}
+
+/// A text frame from the server on the console WebSocket (binary frames are terminal output).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ConsoleNotice {
+    /// `{"type":"exit","code":N}`: the program ended (128 + signal for a signal); the server
+    /// closes the socket next.
+    Exit { code: i32 },
+    /// `{"type":"error","message":"..."}` (a refused control message; the session goes on), or
+    /// `{"type":"error","kind":"conflict","message":"..."}` (the session ended: the server
+    /// closes the socket next; `kind` as in the API's error bodies).
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+        message: String,
+    },
+}

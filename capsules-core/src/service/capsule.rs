@@ -233,6 +233,37 @@ impl CapsuleHandle {
         .await
     }
 
+    /// Checks that this token may open a console on the capsule now, without opening one or
+    /// waking the capsule: the same authentication, policy (`capsules:write` in reach) and
+    /// state checks as [`console`](Self::console). Returns the live capsule's record. A server
+    /// calls it before handing out a short-lived console ticket.
+    pub async fn authorize_console(&self) -> Result<CapsuleRecord> {
+        traced("authorize_console", async {
+            let p = self.inner.authenticate(&self.secret).await?;
+            let rec = self.inner.resolve(&p, &self.target, false).await?;
+            self.inner
+                .check(
+                    &p,
+                    &Action::Write,
+                    crate::policy::Target::Capsule {
+                        team: &rec.team,
+                        name: &rec.name,
+                        id: Some(&rec.id),
+                    },
+                )
+                .await?;
+            crate::state::refusal(rec.state, Operation::Use, rec.name.as_str())?;
+            if !self.inner.backend.capabilities().pty {
+                return Err(Error::unsupported(format!(
+                    "the {} backend has no console",
+                    self.inner.backend.info().name
+                )));
+            }
+            Ok(rec)
+        })
+        .await
+    }
+
     /// A byte stream to `port` inside the capsule.
     pub async fn connect(&self, port: u16) -> Result<Box<dyn Connection>> {
         traced("connect", async {

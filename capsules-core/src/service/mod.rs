@@ -141,6 +141,12 @@ impl Capsules {
         Operator::new(self.inner.clone(), secret.as_ref())
     }
 
+    /// The service clock's time in ms since the Unix epoch (the clock given to the builder), for
+    /// callers that keep their own short-lived state (a server's console tickets).
+    pub fn now_ms(&self) -> i64 {
+        self.inner.now()
+    }
+
     /// What the preview proxy needs: host label → capsule, authorization, traffic metering.
     pub fn preview(&self) -> Preview {
         Preview::new(self.inner.clone())

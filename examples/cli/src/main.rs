@@ -6,7 +6,9 @@
 //!     capsule exec agent-pr-482 -- npm test
 //!     capsule terminate agent-pr-482
 
+mod console;
 mod cp;
+mod logs;
 mod show;
 
 use std::io::{IsTerminal, Write};
@@ -117,8 +119,19 @@ enum Cmd {
     Wake { name: String },
     /// Boot a capsule cold from its disk.
     Restart { name: String },
-    /// A capsule's boot/serial log.
+    /// A capsule's exec history and boot/serial log.
     Logs { name: String },
+    /// An interactive terminal in a capsule (raw mode; Ctrl-C goes to the capsule); exits with
+    /// the remote program's exit code. With stdin not a terminal, forwards stdin's bytes.
+    Console {
+        name: String,
+        /// Columns (default: this terminal's, else 80).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        cols: Option<u16>,
+        /// Rows (default: this terminal's, else 24).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        rows: Option<u16>,
+    },
     /// A capsule's usage (compute, storage, events, cost vs limit), or the team's.
     Usage { name: Option<String> },
     /// A capsule's audit trail.
@@ -391,16 +404,8 @@ async fn run(ctx: &Ctx, cmd: Cmd) -> Result<ExitCode> {
         Cmd::Restart { name } => {
             lifecycle(ctx, &name, "restarted", |h| Box::pin(async move { h.restart().await })).await?
         }
-        Cmd::Logs { name } => {
-            let logs = ctx.client()?.capsule(&name)?.logs().await?;
-            if ctx.json {
-                ctx.print_json(&serde_json::json!({ "logs": String::from_utf8_lossy(&logs) }));
-            } else {
-                std::io::stdout()
-                    .write_all(&logs)
-                    .map_err(|e| Error::internal("could not write to stdout").with_source(e))?;
-            }
-        }
+        Cmd::Logs { name } => logs::run(&ctx.client()?, &name, ctx.json).await?,
+        Cmd::Console { name, cols, rows } => return console::run(&ctx.client()?, &name, cols, rows).await,
         Cmd::Usage { name: Some(name) } => {
             let u = ctx.client()?.capsule(&name)?.usage().await?;
             if ctx.json {

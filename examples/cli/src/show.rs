@@ -25,7 +25,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
-fn at(ms: i64) -> String {
+pub fn at(ms: i64) -> String {
     // UTC wall time without a date library: seconds since the epoch → hh:mm:ss of the day.
     let s = ms.div_euclid(1000);
     let d = s.rem_euclid(86400);

@@ -274,3 +274,49 @@ async fn errors_are_one_line_and_operator_commands_work() {
     ok(&o, "cp dir down");
     assert_eq!(std::fs::read_to_string(down.join("hello.txt")).unwrap(), "hi there");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn console_with_piped_stdin_runs_the_script_and_exits_with_its_code() {
+    let s = server(MockBackend::new()).await;
+    let o = capsule(&s, &s.owner, &["create", "con-1"], None).await;
+    ok(&o, "create");
+
+    // stdin is a pipe, not a terminal: its bytes go to the capsule's shell as they are.
+    let o = capsule(
+        &s,
+        &s.owner,
+        &["console", "con-1", "--cols", "100", "--rows", "30"],
+        Some("echo hello-from-the-console\nstty size\nexit 3\n"),
+    )
+    .await;
+    assert_eq!(o.code, 3, "stdout: {}\nstderr: {}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("hello-from-the-console\r\n"), "{}", o.stdout);
+    assert!(o.stdout.contains("30 100"), "{}", o.stdout);
+
+    // A clean exit is 0; the size defaults to 80x24 without a terminal.
+    let o = capsule(&s, &s.owner, &["console", "con-1"], Some("stty size\nexit\n")).await;
+    assert_eq!(o.code, 0, "stdout: {}\nstderr: {}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("24 80"), "{}", o.stdout);
+
+    // Errors before the session are one line and a non-zero exit.
+    let o = capsule(&s, &s.owner, &["console", "con-9"], Some("exit\n")).await;
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.starts_with("error: "), "{}", o.stderr);
+    assert!(o.stderr.contains("con-9"), "{}", o.stderr);
+    let o = capsule(&s, &s.owner, &["console", "con-1", "--cols", "0"], None).await;
+    assert_ne!(o.code, 0);
+
+    // The exec history and the boot log are in `capsule logs`.
+    let o = capsule(&s, &s.owner, &["exec", "con-1", "--", "echo", "hi"], None).await;
+    ok(&o, "exec");
+    let o = capsule(&s, &s.owner, &["logs", "con-1"], None).await;
+    ok(&o, "logs");
+    assert!(o.stdout.contains("== exec history =="), "{}", o.stdout);
+    assert!(o.stdout.contains("echo hi  (exit 0"), "{}", o.stdout);
+    assert!(o.stdout.contains("== boot log =="), "{}", o.stdout);
+    let o = capsule(&s, &s.owner, &["--json", "logs", "con-1"], None).await;
+    ok(&o, "logs --json");
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["execs"][0]["kind"]["argv"], serde_json::json!(["echo", "hi"]), "{v}");
+    assert!(v["boot_log"].is_string(), "{v}");
+}

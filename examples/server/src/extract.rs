@@ -21,7 +21,14 @@ pub struct Bearer(pub String);
 impl<S: Send + Sync> FromRequestParts<S> for Bearer {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let Some(v) = parts.headers.get(header::AUTHORIZATION) else {
+        Bearer::from_headers(&parts.headers)
+    }
+}
+
+impl Bearer {
+    /// The bearer token of `Authorization`; a missing or malformed header is a 401.
+    pub fn from_headers(headers: &axum::http::HeaderMap) -> Result<Self, ApiError> {
+        let Some(v) = headers.get(header::AUTHORIZATION) else {
             return Err(capsules_core::Error::unauthenticated(
                 "this call needs a token: send Authorization: Bearer cap_...",
             )

@@ -17,15 +17,42 @@
 //! ```
 //!
 //! Every route is in [`route_table`] and in the OpenAPI document served at `/v1/openapi.json`.
-//! Later slices plug in beside these routes: the console WebSocket
-//! (`GET /v1/capsules/{ref}/console`) and the preview proxy (a router keyed on the `Host`
-//! header, in front of this one).
+//! The preview proxy plugs in beside these routes (a router keyed on the `Host` header, in front
+//! of this one).
+//!
+//! ## The console
+//!
+//! - `POST /v1/capsules/{capsule}/console/ticket` with the bearer token → 201
+//!   `{"ticket":"ct_<64 hex>","expires_in_secs":30}`. The same checks as opening a console
+//!   (`capsules:write` on a capsule in reach that is not terminated or failed). A ticket is
+//!   single-use, lasts 30 s, is bound to the token and the capsule, and is not a token: on use the
+//!   token behind it is authenticated again (one revoked since is refused with 401). The server
+//!   keeps only its SHA-256, in memory (at most [`console::MAX_TICKETS`] outstanding,
+//!   [`console::MAX_TICKETS_PER_TOKEN`] per token).
+//! - `GET /v1/capsules/{capsule}/console?cols=N&rows=N[&ticket=ct_...]`: a WebSocket upgrade onto
+//!   the login shell in `/workspace` (a sleeping capsule is woken first). Auth is
+//!   `Authorization: Bearer <token>` (the CLI) or `ticket` (browsers cannot set headers on a
+//!   WebSocket), not both. `cols` and `rows` are 1-1000 (default 80x24). Errors before the upgrade
+//!   are the API's JSON errors: 400 (bad size, query or name), 401, 403, 404, 409, 426 (not a
+//!   WebSocket upgrade), 503.
+//! - After the upgrade, client → server: binary frames are bytes for the terminal (Ctrl-C is
+//!   `0x03`); text frames are JSON control messages, `{"type":"resize","cols":N,"rows":N}`. A bad
+//!   one is answered with the text frame `{"type":"error","message":"..."}` (no `kind`) and the
+//!   session goes on.
+//! - Server → client: binary frames are terminal output. When the program exits:
+//!   `{"type":"exit","code":N}` (128 + signal for a signal), then a close (1000). When the session
+//!   ends otherwise (the capsule was terminated: `conflict`; it went to sleep: `unavailable`):
+//!   `{"type":"error","kind":"...","message":"..."}`, then a close (1000).
+//! - The server pings every 20 s and drops a client silent for 60 s. Closing the WebSocket
+//!   detaches: core records `console_attached` / `console_detached`, and an attached console
+//!   counts as activity.
 
 pub mod console;
 pub mod error;
 pub mod extract;
 mod handlers;
 mod ndjson;
+pub mod webconsole;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,10 +78,11 @@ type IdemMap = HashMap<(String, String), Arc<tokio::sync::OnceCell<CapsuleRecord
 pub(crate) struct AppState {
     pub(crate) capsules: Capsules,
     pub(crate) idempotency: Arc<Mutex<IdemMap>>,
+    pub(crate) tickets: Arc<console::Tickets>,
 }
 
 /// Builds the app: every `/v1` route over `capsules`, and the web console from
-/// [`console::default_dir`].
+/// [`webconsole::default_dir`].
 pub fn app(capsules: Capsules) -> Router {
     app_with(capsules, Options::default())
 }
@@ -69,7 +97,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            console_dir: console::default_dir(),
+            console_dir: webconsole::default_dir(),
         }
     }
 }
@@ -79,13 +107,14 @@ pub fn app_with(capsules: Capsules, options: Options) -> Router {
     let state = AppState {
         capsules,
         idempotency: Arc::default(),
+        tickets: Arc::default(),
     };
     routes()
         .0
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-        .merge(console::router(options.console_dir))
+        .merge(webconsole::router(options.console_dir))
         .layer(axum::middleware::from_fn(log_request))
 }
 
@@ -144,6 +173,13 @@ fn routes() -> (Router<AppState>, Vec<(Method, &'static str)>) {
             "/v1/capsules/{capsule}/processes/{handle}/signal",
             post(h::signal),
         )
+        // console
+        .add(
+            Method::POST,
+            "/v1/capsules/{capsule}/console/ticket",
+            post(console::issue_ticket),
+        )
+        .add(Method::GET, "/v1/capsules/{capsule}/console", get(console::console))
         // files
         .add(Method::PUT, "/v1/capsules/{capsule}/files", put(h::write_file))
         .add(Method::GET, "/v1/capsules/{capsule}/files", get(h::read_file))

@@ -247,14 +247,16 @@ async fn run(args: Args) -> Result<()> {
         "capsules-server: listening on http://{addr} (backend {}, accelerator {})",
         info.name, info.accelerator
     );
-    let console_dir = args.console_dir.unwrap_or_else(capsules_server::console::default_dir);
-    if capsules_server::console::is_built(&console_dir) {
+    let console_dir = args
+        .console_dir
+        .unwrap_or_else(capsules_server::webconsole::default_dir);
+    if capsules_server::webconsole::is_built(&console_dir) {
         println!("capsules-server: web console at http://{addr}/console/ (sign in with a token)");
     } else {
         println!(
             "capsules-server: the web console is not built (no {}); build it with `{}`",
             console_dir.join("index.html").display(),
-            capsules_server::console::BUILD_COMMAND
+            capsules_server::webconsole::BUILD_COMMAND
         );
     }
     // Streamed responses (exec output) go out at once instead of waiting on delayed ACKs.

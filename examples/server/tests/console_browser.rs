@@ -34,7 +34,7 @@ struct Server {
 }
 
 fn console_dir() -> PathBuf {
-    capsules_server::console::default_dir()
+    capsules_server::webconsole::default_dir()
 }
 
 async fn server() -> Server {
@@ -433,6 +433,23 @@ async fn sign_in_to_capsule_page_time() -> R {
     .await
 }
 
+/// The terminal page over the console WebSocket on the mock's PTY shell (the same checks run on a
+/// real capsule in `console_vm`).
+async fn terminal_on_the_mock() -> R {
+    let s = server().await;
+    let agent = agent_token(&s).await;
+    s.capsules
+        .connect(&agent)
+        .unwrap()
+        .create("agent-term-1")
+        .await
+        .map_err(|e| e.to_string())?;
+    with_browser("terminal_on_the_mock", |_d, b| async move {
+        browser::terminal_checks(&b, &s.url, &agent, "agent-term-1", 20, true).await
+    })
+    .await
+}
+
 /// The served page's headers (checked in the browser's own fetch as well as by status).
 async fn headers_are_strict() -> R {
     let s = server().await;
@@ -495,6 +512,7 @@ fn cases() -> Vec<(&'static str, Case)> {
             Box::pin(sign_in_to_capsule_page_time())
         }),
         ("headers_are_strict", || Box::pin(headers_are_strict())),
+        ("terminal_on_the_mock", || Box::pin(terminal_on_the_mock())),
     ]
 }
 

@@ -13,21 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
-use serde_json::{Value, json};
 
 type R = Result<(), String>;
 
 const CASE: &str = "terminal_echo_resize_and_ctrl_c";
 const TABLE: &str = "capsules_console_vm";
 const TAP_PREFIX: &str = "cpc";
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(format!($($fmt)+));
-        }
-    };
-}
 
 fn missing() -> Option<String> {
     if !cfg!(feature = "qemu") {
@@ -43,39 +34,7 @@ fn missing() -> Option<String> {
     if let Err(why) = capsules_microvm::testing::check_prerequisites(capsules_microvm::testing::QEMU_TOOLS) {
         return Some(why);
     }
-    browser::prerequisites(&capsules_server::console::default_dir()).err()
-}
-
-/// The terminal's visible text (xterm's DOM renderer: one element per row).
-async fn screen(b: &browser::Session) -> Result<String, String> {
-    let v = b
-        .js(
-            "return [...document.querySelectorAll('#terminal .xterm-rows > div')].map(r => r.textContent.replace(/\\u00a0/g, ' ')).join('\\n')",
-            json!([]),
-        )
-        .await?;
-    Ok(v.as_str().unwrap_or("").to_owned())
-}
-
-async fn wait_screen(b: &browser::Session, what: &str, secs: u64, f: impl Fn(&str) -> bool) -> Result<String, String> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let s = screen(b).await?;
-        if f(&s) {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "timed out after {secs} s waiting for {what}; the terminal shows:\n{s}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn type_line(b: &browser::Session, line: &str) -> R {
-    b.type_into("#terminal textarea.xterm-helper-textarea", &format!("{line}\u{E007}"))
-        .await
+    browser::prerequisites(&capsules_server::webconsole::default_dir()).err()
 }
 
 #[cfg(feature = "qemu")]
@@ -150,70 +109,7 @@ async fn terminal_case() -> R {
 async fn drive(url: &str, owner: &str) -> R {
     let driver = browser::Driver::start().await?;
     let b = driver.session(1200, 800).await?;
-    let r = async {
-        b.sign_in(url, owner).await?;
-        b.goto(&format!("{url}/console/#/capsules/term-1/terminal")).await?;
-        b.wait_text("#term-status", "connected", 120).await?;
-        // The shell's prompt.
-        wait_screen(&b, "a prompt", 120, |s| s.contains('$') || s.contains('#')).await?;
-
-        type_line(&b, "echo hello-$((6*7))").await?;
-        wait_screen(&b, "hello-42", 60, |s| s.lines().any(|l| l.trim() == "hello-42")).await?;
-
-        // Resize the window: the fit addon resizes the terminal; the PTY follows.
-        let before: Value = b
-            .js(
-                "const t = document.querySelector('#terminal'); return [t.dataset.cols, t.dataset.rows]",
-                json!([]),
-            )
-            .await?;
-        b.set_window(900, 560).await?;
-        let after = b
-            .wait_for("the terminal to take the new size", 10, || async {
-                let v = b
-                    .js(
-                        "const t = document.querySelector('#terminal'); return [t.dataset.cols, t.dataset.rows]",
-                        json!([]),
-                    )
-                    .await?;
-                Ok((v != before).then_some(v))
-            })
-            .await?;
-        let (cols, rows) = (after[0].as_str().unwrap_or(""), after[1].as_str().unwrap_or(""));
-        let want = format!("{rows} {cols}");
-        // Clear first so an older `stty size` line cannot match.
-        type_line(&b, "clear; stty size").await?;
-        wait_screen(&b, &format!("stty size = {want}"), 60, |s| {
-            s.lines().any(|l| l.trim() == want)
-        })
-        .await?;
-
-        // Ctrl-C reaches the foreground program: sleep ends, the prompt takes commands again.
-        type_line(&b, "sleep 100").await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let t = Instant::now();
-        b.keys(vec![
-            json!({"type": "keyDown", "value": "\u{E009}"}),
-            json!({"type": "keyDown", "value": "c"}),
-            json!({"type": "keyUp", "value": "c"}),
-            json!({"type": "keyUp", "value": "\u{E009}"}),
-        ])
-        .await?;
-        type_line(&b, "echo back-$((1+1))").await?;
-        wait_screen(&b, "back-2 after Ctrl-C", 60, |s| {
-            s.lines().any(|l| l.trim() == "back-2")
-        })
-        .await?;
-        ensure!(
-            t.elapsed() < Duration::from_secs(90),
-            "the prompt came back only after {:?}",
-            t.elapsed()
-        );
-        let s = screen(&b).await?;
-        ensure!(s.contains("^C"), "no ^C echoed:\n{s}");
-        Ok(())
-    }
-    .await;
+    let r = browser::terminal_checks(&b, url, owner, "term-1", 120, false).await;
     let shot = b.screenshot("terminal_on_a_real_capsule").await;
     b.quit().await;
     r?;

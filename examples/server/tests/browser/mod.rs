@@ -15,6 +15,14 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde_json::{Value, json};
 
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(format!($($fmt)+));
+        }
+    };
+}
+
 pub const CHROMIUM: &str = "/usr/bin/chromium";
 pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
@@ -28,11 +36,11 @@ pub fn prerequisites(console_dir: &Path) -> Result<(), String> {
             "{CHROMEDRIVER} is not installed (apt-get install chromium-driver)"
         ));
     }
-    if !capsules_server::console::is_built(console_dir) {
+    if !capsules_server::webconsole::is_built(console_dir) {
         return Err(format!(
             "the console assets are not built in {} (run `{}`)",
             console_dir.display(),
-            capsules_server::console::BUILD_COMMAND
+            capsules_server::webconsole::BUILD_COMMAND
         ));
     }
     Ok(())
@@ -402,4 +410,118 @@ impl Session {
         .await
         .map(drop)
     }
+}
+
+// ---------------------------------------------------------------- the terminal page
+
+/// The terminal's visible text (xterm's DOM renderer: one element per row).
+async fn screen(b: &Session) -> Result<String, String> {
+    let v = b
+        .js(
+            "return [...document.querySelectorAll('#terminal .xterm-rows > div')].map(r => r.textContent.replace(/\\u00a0/g, ' ')).join('\\n')",
+            json!([]),
+        )
+        .await?;
+    Ok(v.as_str().unwrap_or("").to_owned())
+}
+
+async fn wait_screen(b: &Session, what: &str, secs: u64, f: impl Fn(&str) -> bool) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = screen(b).await?;
+        if f(&s) {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "timed out after {secs} s waiting for {what}; the terminal shows:\n{s}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn type_line(b: &Session, line: &str) -> Result<(), String> {
+    b.type_into("#terminal textarea.xterm-helper-textarea", &format!("{line}\u{E007}"))
+        .await
+}
+
+/// The terminal page on `capsule`: `echo hello-$((6*7))` prints hello-42; resizing the window
+/// resizes the PTY (`stty size`); Ctrl-C ends `sleep 100` and the prompt takes commands again.
+/// `boot_secs` bounds the wait for the first prompt (a real capsule's shell may take a while).
+/// `mock_shell`: the mock's shell has no `$((...))`, so the lines use `printf` there instead.
+pub async fn terminal_checks(
+    b: &Session,
+    url: &str,
+    token: &str,
+    capsule: &str,
+    boot_secs: u64,
+    mock_shell: bool,
+) -> Result<(), String> {
+    let (hello, back) = if mock_shell {
+        ("printf 'hello-%s\\n' 42", "printf 'back-%s\\n' 2")
+    } else {
+        ("echo hello-$((6*7))", "echo back-$((1+1))")
+    };
+    b.sign_in(url, token).await?;
+    b.goto(&format!("{url}/console/#/capsules/{capsule}/terminal")).await?;
+    b.wait_text("#term-status", "connected", boot_secs).await?;
+    // The shell's prompt.
+    wait_screen(b, "a prompt", boot_secs, |s| s.contains('$') || s.contains('#')).await?;
+
+    type_line(b, hello).await?;
+    wait_screen(b, "hello-42", 60, |s| s.lines().any(|l| l.trim() == "hello-42")).await?;
+
+    // Resize the window: the fit addon resizes the terminal; the PTY follows.
+    let before: Value = b
+        .js(
+            "const t = document.querySelector('#terminal'); return [t.dataset.cols, t.dataset.rows]",
+            json!([]),
+        )
+        .await?;
+    b.set_window(900, 560).await?;
+    let after = b
+        .wait_for("the terminal to take the new size", 10, || async {
+            let v = b
+                .js(
+                    "const t = document.querySelector('#terminal'); return [t.dataset.cols, t.dataset.rows]",
+                    json!([]),
+                )
+                .await?;
+            Ok((v != before).then_some(v))
+        })
+        .await?;
+    let (cols, rows) = (after[0].as_str().unwrap_or(""), after[1].as_str().unwrap_or(""));
+    let want = format!("{rows} {cols}");
+    // Clear first so an older `stty size` line cannot match.
+    type_line(b, "clear; stty size").await?;
+    wait_screen(b, &format!("stty size = {want}"), 60, |s| {
+        s.lines().any(|l| l.trim() == want)
+    })
+    .await?;
+
+    // Ctrl-C reaches the foreground program: sleep ends, the prompt takes commands again.
+    type_line(b, "sleep 100").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    b.keys(vec![
+        json!({"type": "keyDown", "value": "\u{E009}"}),
+        json!({"type": "keyDown", "value": "c"}),
+        json!({"type": "keyUp", "value": "c"}),
+        json!({"type": "keyUp", "value": "\u{E009}"}),
+    ])
+    .await?;
+    type_line(b, back).await?;
+    wait_screen(b, "back-2 after Ctrl-C", 60, |s| {
+        s.lines().any(|l| l.trim() == "back-2")
+    })
+    .await?;
+    ensure!(
+        t.elapsed() < Duration::from_secs(90),
+        "the prompt came back only after {:?}",
+        t.elapsed()
+    );
+    let s = screen(b).await?;
+    ensure!(s.contains("^C"), "no ^C echoed:\n{s}");
+    Ok(())
 }
