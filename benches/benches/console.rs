@@ -45,7 +45,7 @@ fn sign_in_to_capsule_page(c: &mut Criterion) {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = capsules_server::app_with(capsules, capsules_server::Options { console_dir: dir });
+        let app = capsules_server::app_with(capsules, capsules_server::ServerConfig::default().with_console_dir(dir));
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let driver = browser::Driver::start().await.unwrap();
         let session = driver.session(1280, 900).await.unwrap();

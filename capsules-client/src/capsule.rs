@@ -10,7 +10,6 @@ use bytes::{Bytes, BytesMut};
 use capsules_core::backend::{ByteStream, ExecEvent, ExecOutput, ExecStream, FileStat, ProcessInfo};
 use capsules_core::events::Event;
 use capsules_core::records::CapsuleRecord;
-use capsules_core::types::PublicUrl;
 use capsules_core::{Error, Result};
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, Response};
@@ -18,8 +17,8 @@ use tokio::io::AsyncRead;
 
 use crate::http::{self, Http, seg};
 use crate::wire::{
-    CapsuleUpdate, CapsuleUsage, ErrorDetail, Events, ExecLine, ExecSpec, ExposeRequest, FileList, SignalRequest,
-    Written,
+    CapsuleUpdate, CapsuleUsage, ErrorDetail, Events, ExecLine, ExecSpec, ExposeRequest, ExposedUrl, FileList,
+    PreviewTokenRequest, SignalRequest, TokenCreated, Written,
 };
 
 /// One capsule, as seen by one token.
@@ -275,13 +274,39 @@ impl CapsuleHandle {
 
     // ---- URL ----
 
-    pub async fn expose(&self, port: u16, access: &str) -> Result<PublicUrl> {
+    /// Sets or replaces the one public URL (`access`: `token` or `public`); the answer carries
+    /// its absolute address in `href`.
+    pub async fn expose(&self, port: u16, access: &str) -> Result<ExposedUrl> {
         let body = ExposeRequest {
             port,
             access: Some(access.to_owned()),
         };
         self.http
             .json(Method::PUT, &self.path("/url"), &self.secret, Some(&body))
+            .await
+    }
+
+    /// The public URL with its address, or `None` when the capsule has none.
+    pub async fn url(&self) -> Result<Option<ExposedUrl>> {
+        #[derive(serde::Deserialize)]
+        struct WithUrl {
+            url: Option<ExposedUrl>,
+        }
+        Ok(self.get::<WithUrl>("").await?.url)
+    }
+
+    /// Mints a `preview` token that opens this capsule's URL and nothing else, valid for `ttl`
+    /// (1 s to 7 days, whole seconds). The secret is shown this once.
+    pub async fn preview_token(&self, ttl: Duration) -> Result<TokenCreated> {
+        let secs = ttl.as_secs();
+        if secs == 0 || secs > 7 * 24 * 3600 || ttl.subsec_nanos() != 0 {
+            return Err(Error::invalid_input(format!(
+                "a preview token lives 1 s to 7 days in whole seconds, not {ttl:?}"
+            )));
+        }
+        let body = PreviewTokenRequest { ttl_secs: Some(secs) };
+        self.http
+            .json(Method::POST, &self.path("/preview-token"), &self.secret, Some(&body))
             .await
     }
 

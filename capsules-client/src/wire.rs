@@ -9,7 +9,7 @@ use capsules_core::events::Event;
 use capsules_core::ledger::{LedgerEntry, Usage};
 use capsules_core::records::{CapsuleRecord, TeamRecord};
 use capsules_core::tokens::{Scope, TokenRecord};
-use capsules_core::types::{CapsuleId, MicroCredits, Size, TeamId, TokenId};
+use capsules_core::types::{CapsuleId, MicroCredits, PublicUrl, Size, TeamId, TokenId, UrlAccess};
 use capsules_core::{Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -227,6 +227,43 @@ pub struct ExposeRequest {
     /// `token` (default) or `public`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<String>,
+}
+
+/// A capsule's public URL as the API shows it: the settings and `href`, its absolute address
+/// (`http(s)://<host label>.<preview domain>:<server port>/`). The `url` of capsule JSON and the
+/// answer of `PUT /v1/capsules/{ref}/url`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposedUrl {
+    pub port: u16,
+    pub access: UrlAccess,
+    pub host_label: String,
+    pub href: String,
+}
+
+impl ExposedUrl {
+    /// The settings without the address.
+    pub fn public_url(&self) -> PublicUrl {
+        PublicUrl {
+            port: self.port,
+            access: self.access,
+            host_label: self.host_label.clone(),
+        }
+    }
+
+    /// The address a browser opens once with a preview token: `href?capsule_token=<secret>` (the
+    /// proxy turns it into a cookie and redirects to `href`).
+    pub fn browser_url(&self, preview_secret: &str) -> String {
+        format!("{}?capsule_token={preview_secret}", self.href)
+    }
+}
+
+/// `POST /v1/capsules/{ref}/preview-token` (the body is optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewTokenRequest {
+    /// Lifetime in seconds: 1 to 604800 (7 days); default 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
 }
 
 /// A capsule's usage trail and limits.

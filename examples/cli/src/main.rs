@@ -136,6 +136,25 @@ enum Cmd {
     Usage { name: Option<String> },
     /// A capsule's audit trail.
     Events { name: String },
+    /// Print a capsule's public URL; expose a port as it (`--port`), or remove it.
+    Url {
+        name: String,
+        /// Expose this port inside the capsule (sets or replaces the one URL).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Open to anyone (needs the urls:public scope); the default is `token` access.
+        #[arg(long, conflicts_with = "remove")]
+        public: bool,
+        /// Remove the URL.
+        #[arg(long, conflicts_with_all = ["port", "preview_token"])]
+        remove: bool,
+        /// Also mint a preview token and print the URL a browser opens once with it.
+        #[arg(long)]
+        preview_token: bool,
+        /// Lifetime of the preview token, e.g. 1h (at most 7d).
+        #[arg(long, value_parser = parse_duration, default_value = "1h", requires = "preview_token")]
+        ttl: Duration,
+    },
     /// Operator: teams.
     #[command(subcommand)]
     Teams(TeamsCmd),
@@ -430,6 +449,14 @@ async fn run(ctx: &Ctx, cmd: Cmd) -> Result<ExitCode> {
                 show::events(&ev);
             }
         }
+        Cmd::Url {
+            name,
+            port,
+            public,
+            remove,
+            preview_token,
+            ttl,
+        } => url(ctx, &name, port, public, remove, preview_token.then_some(ttl)).await?,
         Cmd::Teams(TeamsCmd::Create { name }) => {
             let t = ctx.api.operator(ctx.secret()?).create_team(&name).await?;
             if ctx.json {
@@ -450,6 +477,84 @@ async fn run(ctx: &Ctx, cmd: Cmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `capsule url`: show, set (`--port`, `--public`) or remove the URL; `--preview-token` mints a
+/// token and prints the browser URL.
+async fn url(
+    ctx: &Ctx,
+    name: &str,
+    port: Option<u16>,
+    public: bool,
+    remove: bool,
+    preview: Option<Duration>,
+) -> Result<()> {
+    let h = ctx.client()?.capsule(name)?;
+    if remove {
+        h.unexpose().await?;
+        if ctx.json {
+            ctx.print_json(&serde_json::json!({ "url": null }));
+        } else {
+            println!("removed the URL of capsule {name}");
+        }
+        return Ok(());
+    }
+    let access = if public { "public" } else { "token" };
+    let url = match port {
+        Some(0) => return Err(Error::invalid_input("--port must be 1-65535")),
+        Some(p) => h.expose(p, access).await?,
+        None => {
+            let cur = h.url().await?.ok_or_else(|| {
+                Error::not_found(format!(
+                    "capsule {name} has no URL; expose a port with `capsule url {name} --port N`"
+                ))
+            })?;
+            // `--public` alone switches the current URL's access.
+            if public && cur.access.as_str() != "public" {
+                h.expose(cur.port, access).await?
+            } else {
+                cur
+            }
+        }
+    };
+    let token = match preview {
+        Some(ttl) => Some(h.preview_token(ttl).await?),
+        None => None,
+    };
+    if ctx.json {
+        let mut v = serde_json::json!({ "url": url });
+        if let Some(t) = &token {
+            v["preview_token"] = serde_json::to_value(t).unwrap_or_default();
+            v["browser_url"] = url.browser_url(&t.secret).into();
+        }
+        ctx.print_json(&v);
+        return Ok(());
+    }
+    match &token {
+        Some(t) => {
+            println!("{}", url.browser_url(&t.secret));
+            eprintln!(
+                "open it once in a browser: it sets a cookie for {} and redirects (port {}, {} access;                  the token opens this URL only{})",
+                url.href,
+                url.port,
+                url.access,
+                t.token
+                    .expires_at_ms
+                    .map(|ms| format!(", for {} s", (ms - t.token.created_at_ms) / 1000))
+                    .unwrap_or_default()
+            );
+        }
+        None => {
+            println!("{}", url.href);
+            if url.access.as_str() == "token" {
+                eprintln!(
+                    "port {}, token access: send Authorization: Bearer <token>, or run                      `capsule url {name} --preview-token` for a browser link",
+                    url.port
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 type Fut = std::pin::Pin<Box<dyn std::future::Future<Output = Result<capsules_core::records::CapsuleRecord>>>>;

@@ -320,3 +320,67 @@ async fn console_with_piped_stdin_runs_the_script_and_exits_with_its_code() {
     assert_eq!(v["execs"][0]["kind"]["argv"], serde_json::json!(["echo", "hi"]), "{v}");
     assert!(v["boot_log"].is_string(), "{v}");
 }
+
+/// `GET path` on the server with `Host: host`; the status line and the headers.
+async fn raw_get(server: &str, host: &str, path: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let addr = server.strip_prefix("http://").unwrap();
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn url_exposes_prints_and_mints_a_browser_link() {
+    let s = server(MockBackend::new()).await;
+    ok(&capsule(&s, &s.owner, &["create", "web-1"], None).await, "create");
+
+    let o = capsule(&s, &s.owner, &["url", "web-1"], None).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.starts_with("error: capsule web-1 has no URL"), "{}", o.stderr);
+    assert!(o.stderr.contains("--port"), "{}", o.stderr);
+
+    let o = capsule(&s, &s.owner, &["url", "web-1", "--port", "8080"], None).await;
+    ok(&o, "url --port");
+    let href = o.stdout.trim().to_owned();
+    let port = s.url.rsplit(':').next().unwrap();
+    assert!(
+        href.starts_with("http://web-1-") && href.ends_with(&format!(".localhost:{port}/")),
+        "{href}"
+    );
+    let host = href.trim_start_matches("http://").trim_end_matches('/').to_owned();
+    // The URL needs a token; the browser link trades its token for a cookie.
+    assert!(raw_get(&s.url, &host, "/").await.starts_with("HTTP/1.1 401"));
+    let o = capsule(&s, &s.owner, &["url", "web-1", "--preview-token"], None).await;
+    ok(&o, "url --preview-token");
+    let link = o.stdout.trim();
+    assert!(link.starts_with(&format!("{href}?capsule_token=cap_")), "{link}");
+    let path = &link[href.len() - 1..];
+    let resp = raw_get(&s.url, &host, path).await;
+    assert!(resp.starts_with("HTTP/1.1 303"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("set-cookie: capsule_token=cap_"),
+        "{resp}"
+    );
+
+    let o = capsule(&s, &s.owner, &["--json", "url", "web-1", "--public"], None).await;
+    ok(&o, "url --public --json");
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["url"]["access"], "public");
+    assert_eq!(v["url"]["port"], 8080);
+    assert_eq!(v["url"]["href"], href.as_str());
+
+    let o = capsule(&s, &s.owner, &["url", "web-1", "--port", "0"], None).await;
+    assert_eq!(o.code, 1);
+    let o = capsule(&s, &s.owner, &["url", "web-1", "--remove", "--port", "80"], None).await;
+    assert_ne!(o.code, 0);
+    ok(
+        &capsule(&s, &s.owner, &["url", "web-1", "--remove"], None).await,
+        "url --remove",
+    );
+    assert!(raw_get(&s.url, &host, "/").await.starts_with("HTTP/1.1 404"));
+}

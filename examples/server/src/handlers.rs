@@ -9,8 +9,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use capsules_client::wire::{
     CapsuleCreate, CapsulePage, CapsuleUpdate, CapsuleUsage, Events, ExecSpec, ExposeRequest, FileList, GrantRequest,
-    Ledger, Revoked, SignalRequest, TeamCreate, TeamCreated, TeamUsage, TokenCreate, TokenCreated, TokenInfo,
-    TokenList, Written,
+    Ledger, PreviewTokenRequest, Revoked, SignalRequest, TeamCreate, TeamCreated, TeamUsage, TokenCreate, TokenCreated,
+    TokenInfo, TokenList, Written,
 };
 use capsules_core::backend::{ByteStream, ExecRequest};
 use capsules_core::types::{MicroCredits, Size, TeamCaps};
@@ -21,6 +21,7 @@ use serde::Deserialize;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiPath, ApiQuery, Bearer, STDIN_LIMIT, parse_json, read_body};
+use crate::view;
 
 type Res<T> = Result<T, ApiError>;
 
@@ -126,7 +127,7 @@ pub(crate) async fn create_capsule(
     };
     let Some(key) = key else {
         let rec = run_create(&c, req).await.map_err(create_field)?;
-        return Ok((StatusCode::CREATED, Json(rec)).into_response());
+        return Ok((StatusCode::CREATED, Json(view::capsule(&st.config, &rec))).into_response());
     };
     let cell = {
         let who = hex::encode(capsules_core::tokens::hash_secret(&bearer.0));
@@ -149,7 +150,7 @@ pub(crate) async fn create_capsule(
     Ok((
         status,
         [("idempotent-replayed", if first { "false" } else { "true" })],
-        Json(rec),
+        Json(view::capsule(&st.config, &rec)),
     )
         .into_response())
 }
@@ -244,7 +245,7 @@ pub(crate) async fn list_capsules(
     State(st): State<AppState>,
     bearer: Bearer,
     ApiQuery(q): ApiQuery<ListQuery>,
-) -> Res<Json<CapsulePage>> {
+) -> Res<Json<serde_json::Value>> {
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::invalid(format!("limit must be 1-{MAX_PAGE}")));
@@ -274,10 +275,11 @@ pub(crate) async fn list_capsules(
     } else {
         None
     };
-    Ok(Json(CapsulePage {
+    let page = CapsulePage {
         capsules: page,
         next_cursor,
-    }))
+    };
+    Ok(Json(view::page(&st.config, &page)))
 }
 
 pub(crate) async fn get_capsule(
@@ -285,7 +287,10 @@ pub(crate) async fn get_capsule(
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
 ) -> Res<Response> {
-    Ok(Json(handle(&st, &bearer, &c)?.status().await?).into_response())
+    Ok(view::capsule_response(
+        &st.config,
+        &handle(&st, &bearer, &c)?.status().await?,
+    ))
 }
 
 pub(crate) async fn update_capsule(
@@ -308,7 +313,7 @@ pub(crate) async fn update_capsule(
     if let Some(v) = req.network {
         b = b.network(v);
     }
-    Ok(Json(b.await?).into_response())
+    Ok(view::capsule_response(&st.config, &b.await?))
 }
 
 pub(crate) async fn terminate_capsule(
@@ -316,7 +321,10 @@ pub(crate) async fn terminate_capsule(
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
 ) -> Res<Response> {
-    Ok(Json(handle(&st, &bearer, &c)?.terminate().await?).into_response())
+    Ok(view::capsule_response(
+        &st.config,
+        &handle(&st, &bearer, &c)?.terminate().await?,
+    ))
 }
 
 pub(crate) async fn sleep_capsule(
@@ -324,7 +332,10 @@ pub(crate) async fn sleep_capsule(
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
 ) -> Res<Response> {
-    Ok(Json(handle(&st, &bearer, &c)?.sleep().await?).into_response())
+    Ok(view::capsule_response(
+        &st.config,
+        &handle(&st, &bearer, &c)?.sleep().await?,
+    ))
 }
 
 pub(crate) async fn wake_capsule(
@@ -332,7 +343,10 @@ pub(crate) async fn wake_capsule(
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
 ) -> Res<Response> {
-    Ok(Json(handle(&st, &bearer, &c)?.wake().await?).into_response())
+    Ok(view::capsule_response(
+        &st.config,
+        &handle(&st, &bearer, &c)?.wake().await?,
+    ))
 }
 
 pub(crate) async fn restart_capsule(
@@ -340,7 +354,10 @@ pub(crate) async fn restart_capsule(
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
 ) -> Res<Response> {
-    Ok(Json(handle(&st, &bearer, &c)?.restart().await?).into_response())
+    Ok(view::capsule_response(
+        &st.config,
+        &handle(&st, &bearer, &c)?.restart().await?,
+    ))
 }
 
 // ---- commands ----
@@ -534,16 +551,17 @@ pub(crate) async fn capsule_usage(
     State(st): State<AppState>,
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
-) -> Res<Json<CapsuleUsage>> {
+) -> Res<Json<serde_json::Value>> {
     let h = handle(&st, &bearer, &c)?;
     let u = h.usage().await?;
     let events = h.events().await?;
-    Ok(Json(CapsuleUsage {
+    let u = CapsuleUsage {
         capsule: u.capsule,
         usage: u.usage,
         entries: u.entries,
         events,
-    }))
+    };
+    Ok(Json(view::usage(&st.config, &u)))
 }
 
 pub(crate) async fn capsule_events(
@@ -575,7 +593,7 @@ pub(crate) async fn expose(
 ) -> Res<Response> {
     let access = req.access.unwrap_or_else(|| "token".to_owned());
     let url = handle(&st, &bearer, &c)?.expose(req.port, access).await?;
-    Ok(Json(url).into_response())
+    Ok(Json(view::url(&st.config, &url)).into_response())
 }
 
 pub(crate) async fn unexpose(
@@ -606,6 +624,34 @@ pub(crate) async fn sizes(State(st): State<AppState>) -> Json<serde_json::Value>
         })
         .collect();
     Json(serde_json::json!({ "sizes": sizes, "storage_gib_hour": rates.storage_gib_hour }))
+}
+
+/// Longest life of a preview token (7 days); the default is an hour.
+pub(crate) const PREVIEW_TTL_MAX: u64 = 7 * 24 * 3600;
+pub(crate) const PREVIEW_TTL_DEFAULT: u64 = 3600;
+
+/// `POST .../preview-token`: a `preview` token for this capsule (body optional).
+pub(crate) async fn preview_token(
+    State(st): State<AppState>,
+    bearer: Bearer,
+    ApiPath(c): ApiPath<String>,
+    body: Body,
+) -> Res<Response> {
+    let h = handle(&st, &bearer, &c)?;
+    let bytes = read_body(body, crate::extract::JSON_LIMIT).await?;
+    let req: PreviewTokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        PreviewTokenRequest::default()
+    } else {
+        parse_json(&bytes)?
+    };
+    let ttl = req.ttl_secs.unwrap_or(PREVIEW_TTL_DEFAULT);
+    if ttl == 0 || ttl > PREVIEW_TTL_MAX {
+        return Err(ApiError::invalid(format!(
+            "ttl_secs must be 1-{PREVIEW_TTL_MAX} (7 days), not {ttl}"
+        )));
+    }
+    let t = h.preview_token(Duration::from_secs(ttl)).await?;
+    Ok((StatusCode::CREATED, Json(minted(&t))).into_response())
 }
 
 // ---- team ----

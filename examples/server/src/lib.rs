@@ -17,8 +17,13 @@
 //! ```
 //!
 //! Every route is in [`route_table`] and in the OpenAPI document served at `/v1/openapi.json`.
-//! The preview proxy plugs in beside these routes (a router keyed on the `Host` header, in front
-//! of this one).
+//! In front of the API, on the same port, sits the **preview proxy**: a request whose `Host` is
+//! `<host label>.<preview domain>[:port]` (default domain `localhost`, see [`ServerConfig`]) goes
+//! to the port the capsule exposes (through the backend's `connect`, waking it if it sleeps);
+//! every other host is the API's. [`app_with`] takes the configuration.
+//!
+//! Beside the API, under `/console/`, the server serves the web console's built assets
+//! ([`webconsole`]; the directory is [`ServerConfig::with_console_dir`]).
 //!
 //! ## The console
 //!
@@ -47,11 +52,14 @@
 //!   detaches: core records `console_attached` / `console_detached`, and an attached console
 //!   counts as activity.
 
+mod config;
 pub mod console;
 pub mod error;
 pub mod extract;
 mod handlers;
 mod ndjson;
+mod proxy;
+mod view;
 pub mod webconsole;
 
 use std::collections::HashMap;
@@ -66,6 +74,7 @@ use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use capsules_core::Capsules;
 use capsules_core::records::CapsuleRecord;
 
+pub use config::{DEFAULT_PREVIEW_HOLD, DEFAULT_TRAFFIC_FLUSH, ServerConfig};
 pub use error::{ApiError, status_for};
 
 /// The OpenAPI document of the `/v1` API (hand-written).
@@ -79,43 +88,47 @@ pub(crate) struct AppState {
     pub(crate) capsules: Capsules,
     pub(crate) idempotency: Arc<Mutex<IdemMap>>,
     pub(crate) tickets: Arc<console::Tickets>,
+    pub(crate) config: Arc<ServerConfig>,
 }
 
-/// Builds the app: every `/v1` route over `capsules`, and the web console from
-/// [`webconsole::default_dir`].
+/// Builds the app with the default [`ServerConfig`]: every `/v1` route over `capsules`, the
+/// preview proxy under `*.localhost`, and the web console from [`webconsole::default_dir`].
 pub fn app(capsules: Capsules) -> Router {
-    app_with(capsules, Options::default())
+    app_with(capsules, ServerConfig::default())
 }
 
-/// What the app serves besides the API.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// The built web console (`index.html` and `assets/`), served under `/console/`.
-    pub console_dir: std::path::PathBuf,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            console_dir: webconsole::default_dir(),
-        }
-    }
-}
-
-/// [`app`] with explicit [`Options`].
-pub fn app_with(capsules: Capsules, options: Options) -> Router {
+/// Builds the app: the preview proxy for hosts under the preview domain, every `/v1` route and
+/// the web console (`/console/`) for the rest.
+pub fn app_with(capsules: Capsules, config: ServerConfig) -> Router {
+    let console = webconsole::router(config.console_dir().to_path_buf());
+    let config = Arc::new(config);
+    let proxy = proxy::Proxy::new(capsules.preview(), config.clone());
     let state = AppState {
         capsules,
         idempotency: Arc::default(),
         tickets: Arc::default(),
+        config,
     };
-    routes()
+    let api = routes()
         .0
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-        .merge(webconsole::router(options.console_dir))
-        .layer(axum::middleware::from_fn(log_request))
+        .merge(console)
+        .layer(axum::middleware::from_fn(log_request));
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::from_fn_with_state(proxy, proxy::dispatch))
+}
+
+tokio::task_local! {
+    /// The port the API request being answered came to (from its `Host`), for URLs in answers.
+    static REQUEST_PORT: Option<u16>;
+}
+
+/// The port of the API request being answered, if its `Host` named one.
+pub(crate) fn request_port() -> Option<u16> {
+    REQUEST_PORT.try_with(|p| *p).ok().flatten()
 }
 
 /// Every (method, path) the router serves, in the router's own path syntax.
@@ -194,6 +207,11 @@ fn routes() -> (Router<AppState>, Vec<(Method, &'static str)>) {
         // URL
         .add(Method::PUT, "/v1/capsules/{capsule}/url", put(h::expose))
         .add(Method::DELETE, "/v1/capsules/{capsule}/url", delete(h::unexpose))
+        .add(
+            Method::POST,
+            "/v1/capsules/{capsule}/preview-token",
+            post(h::preview_token),
+        )
         // team
         .add(Method::GET, "/v1/team/usage", get(h::team_usage))
         .add(Method::GET, "/v1/team/ledger", get(h::team_ledger))

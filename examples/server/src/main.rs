@@ -55,6 +55,13 @@ struct Args {
     /// examples/server/console) [default: examples/server/console/dist of this source tree].
     #[arg(long, env = "CAPSULES_CONSOLE_DIR")]
     console_dir: Option<PathBuf>,
+    /// Public URLs are http://<host label>.<preview domain>:<port>/ on this server's own port
+    /// (the preview proxy answers every request whose Host is under this domain).
+    #[arg(long, default_value = "localhost", env = "CAPSULES_PREVIEW_DOMAIN")]
+    preview_domain: String,
+    /// How long a preview request waits for the capsule's port to accept (waking it included).
+    #[arg(long, default_value_t = 30)]
+    preview_hold_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -179,6 +186,10 @@ async fn run(args: Args) -> Result<()> {
             BackendKind::Mock
         }
     };
+    // Checked before anything starts: a bad flag is an error, not a half-started server.
+    let config = capsules_server::ServerConfig::default()
+        .with_preview_domain(&args.preview_domain)?
+        .with_preview_hold(Duration::from_secs(args.preview_hold_secs))?;
     let backend = make_backend(kind, &args.state_dir, args.network).await?;
     let info = backend.info();
     let builder = Capsules::builder().backend(backend);
@@ -200,6 +211,7 @@ async fn run(args: Args) -> Result<()> {
         .await
         .map_err(|e| Error::unavailable(format!("could not listen on {}", args.listen)).with_source(e))?;
     let addr = listener.local_addr().unwrap_or(args.listen);
+    let config = config.with_public_port(addr.port());
     match capsules.bootstrap(&args.team).await {
         Ok(boot) => {
             let balance = capsules
@@ -244,8 +256,12 @@ async fn run(args: Args) -> Result<()> {
     }
     let _jobs = capsules.spawn_jobs(Duration::from_secs(args.tick_secs.max(1)));
     println!(
-        "capsules-server: listening on http://{addr} (backend {}, accelerator {})",
-        info.name, info.accelerator
+        "capsules-server: listening on http://{addr} (backend {}, accelerator {}); public URLs at \
+         http://<label>.{}:{}/",
+        info.name,
+        info.accelerator,
+        config.preview_domain(),
+        addr.port()
     );
     let console_dir = args
         .console_dir
@@ -266,8 +282,8 @@ async fn run(args: Args) -> Result<()> {
             tracing::warn!("could not set TCP_NODELAY: {e}");
         }
     });
-    let options = capsules_server::Options { console_dir };
-    axum::serve(listener, capsules_server::app_with(capsules, options))
+    let config = config.with_console_dir(console_dir);
+    axum::serve(listener, capsules_server::app_with(capsules, config))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| Error::internal("the server stopped").with_source(e))

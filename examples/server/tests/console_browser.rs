@@ -7,7 +7,7 @@ mod browser;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use browser::{Driver, Session};
 use capsules_backend_mock::{ExecMatcher, ExecReply, MockBackend};
@@ -52,9 +52,7 @@ async fn server() -> Server {
     let addr = listener.local_addr().unwrap();
     let app = capsules_server::app_with(
         capsules.clone(),
-        capsules_server::Options {
-            console_dir: console_dir(),
-        },
+        capsules_server::ServerConfig::default().with_console_dir(console_dir()),
     );
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server {

@@ -4,7 +4,7 @@
 
 use capsules_backend_mock::MockBackend;
 use capsules_core::{Capsules, MemoryStore, Scope, TokenSpec};
-use capsules_server::{Options, app_with};
+use capsules_server::{ServerConfig, app_with};
 use serde_json::{Value, json};
 
 struct Server {
@@ -23,12 +23,7 @@ async fn server(console_dir: &std::path::Path) -> Server {
     let boot = capsules.bootstrap("acme").await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = app_with(
-        capsules.clone(),
-        Options {
-            console_dir: console_dir.to_path_buf(),
-        },
-    );
+    let app = app_with(capsules.clone(), ServerConfig::default().with_console_dir(console_dir));
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server {
         url: format!("http://{addr}"),
