@@ -431,6 +431,96 @@ async fn sign_in_to_capsule_page_time() -> R {
     .await
 }
 
+/// A tiny web server inside the mock capsule: answers every request with a page.
+fn serve_hello(s: &Server, id: &capsules_core::CapsuleId, port: u16) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.mock
+        .serve_port(id, port, |mut stream| async move {
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = "<!doctype html><title>app</title><h1 id=hello>hello from the capsule</h1>";
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        })
+        .unwrap();
+}
+
+/// Expose a port from the capsule page, open the URL (a preview token for this capsule only,
+/// traded for a cookie by the proxy), then remove it.
+async fn public_url_expose_open_remove() -> R {
+    let s = server().await;
+    let agent = agent_token(&s).await;
+    let cap = s
+        .capsules
+        .connect(&agent)
+        .unwrap()
+        .create("agent-web-2")
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = cap.status().await.map_err(|e| e.to_string())?.id;
+    serve_hello(&s, &id, 8080);
+    with_browser("public_url_expose_open_remove", |_d, b| async move {
+        b.sign_in(&s.url, &agent).await?;
+        b.goto(&format!("{}/console/#/capsules/agent-web-2", s.url)).await?;
+        b.wait_for("the URL form", 10, || async { b.text("#url-form").await })
+            .await?;
+        b.type_into("#u-port", "8080").await?;
+        b.click("#url-set").await?;
+        let href = b.wait_text("#url-href", ".localhost:", 10).await?;
+        ensure!(href.starts_with("http://agent-web-2-"), "the URL shown: {href}");
+
+        let console_window = b.current_window().await?;
+        b.click("#url-open").await?;
+        let tab = b
+            .wait_for("the preview tab", 10, || async {
+                Ok(b.windows().await?.into_iter().find(|h| *h != console_window))
+            })
+            .await?;
+        b.switch_to(&tab).await?;
+        b.wait_text("#hello", "hello from the capsule", 20).await?;
+        let at = b.js("return location.href", json!([])).await?;
+        ensure!(
+            at.as_str()
+                .is_some_and(|u| u.starts_with(&href) && !u.contains("capsule_token")),
+            "the preview tab is at {at}"
+        );
+        b.screenshot("public_url_preview_tab").await?;
+        b.js("window.close()", json!([])).await?;
+        b.switch_to(&console_window).await?;
+
+        // The token it used was a preview token for this capsule alone.
+        let (_, toks) = api(&s, reqwest::Method::GET, "/v1/tokens", &s.owner, None).await;
+        let previews: Vec<&Value> = toks["tokens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["scopes"] == json!(["preview"]))
+            .collect();
+        ensure!(
+            previews.len() == 1 && previews[0]["capsule"] == id.as_str(),
+            "preview tokens: {previews:?}"
+        );
+
+        b.click("#url-remove").await?;
+        b.wait_for("the URL to be removed", 10, || async { b.text("#url-none").await })
+            .await?;
+        let (_, c) = api(&s, reqwest::Method::GET, "/v1/capsules/agent-web-2", &agent, None).await;
+        ensure!(c["url"].is_null(), "the capsule still has a URL: {c}");
+        Ok(())
+    })
+    .await
+}
+
 /// The terminal page over the console WebSocket on the mock's PTY shell (the same checks run on a
 /// real capsule in `console_vm`).
 async fn terminal_on_the_mock() -> R {
@@ -511,6 +601,9 @@ fn cases() -> Vec<(&'static str, Case)> {
         }),
         ("headers_are_strict", || Box::pin(headers_are_strict())),
         ("terminal_on_the_mock", || Box::pin(terminal_on_the_mock())),
+        ("public_url_expose_open_remove", || {
+            Box::pin(public_url_expose_open_remove())
+        }),
     ]
 }
 

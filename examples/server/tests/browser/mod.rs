@@ -366,6 +366,27 @@ impl Session {
         .await
     }
 
+    /// The handles of the session's windows and tabs.
+    pub async fn windows(&self) -> Result<Vec<String>, String> {
+        let v = self.cmd(reqwest::Method::GET, "/window/handles", None).await?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h.as_str().map(str::to_owned))
+            .collect())
+    }
+
+    pub async fn current_window(&self) -> Result<String, String> {
+        let v = self.cmd(reqwest::Method::GET, "/window", None).await?;
+        Ok(v.as_str().unwrap_or("").to_owned())
+    }
+
+    pub async fn switch_to(&self, handle: &str) -> Result<(), String> {
+        self.cmd(reqwest::Method::POST, "/window", Some(json!({ "handle": handle })))
+            .await
+            .map(drop)
+    }
+
     /// The text of an open dialog (alert/confirm), if one is open.
     pub async fn dialog(&self) -> Result<Option<String>, String> {
         match self.cmd(reqwest::Method::GET, "/alert/text", None).await {

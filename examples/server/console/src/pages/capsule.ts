@@ -72,6 +72,12 @@ export async function capsulePage(view: HTMLElement, name: string): Promise<() =
   return () => window.clearInterval(timer);
 }
 
+/** Whether a field inside `el` has the focus (a refresh would throw away what is being typed). */
+function editing(el: HTMLElement): boolean {
+  const a = document.activeElement;
+  return !!a && el.contains(a) && (a instanceof HTMLInputElement || a instanceof HTMLSelectElement);
+}
+
 type Act = (label: string, f: () => Promise<unknown>) => Promise<void>;
 
 function renderHead(head: HTMLElement, c: Capsule, act: Act, path: string): void {
@@ -121,7 +127,7 @@ function renderStatus(el: HTMLElement, c: Capsule): void {
 }
 
 function renderLimits(el: HTMLElement, c: Capsule, path: string, act: Act): void {
-  if (el.contains(document.activeElement)) return; // do not reset a form being edited
+  if (editing(el)) return; // do not reset a form being edited
   const limit = h("input", { id: "l-credit_limit", value: credits(c.limits.credit_limit, 2), inputmode: "decimal" });
   const idle = h("input", { id: "l-idle", type: "number", min: 1, value: Math.round(c.limits.idle_timeout_ms / 60000) });
   const runtime = h("input", { id: "l-runtime", type: "number", min: 1, value: Math.round(c.limits.max_runtime_ms / 60000) });
@@ -149,7 +155,7 @@ function renderLimits(el: HTMLElement, c: Capsule, path: string, act: Act): void
 }
 
 function renderUrl(el: HTMLElement, c: Capsule, path: string, act: Act, say: (t: string, e?: boolean) => void): void {
-  if (el.contains(document.activeElement)) return;
+  if (editing(el)) return;
   const port = h("input", { id: "u-port", type: "number", min: 1, max: 65535, value: c.url ? c.url.port : "", placeholder: "8080" });
   const access = h(
     "select",
