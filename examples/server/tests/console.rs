@@ -383,6 +383,18 @@ async fn the_raw_protocol_exit_frame_then_a_normal_close() {
     let s = server().await;
     api(&s).connect(&s.owner).unwrap().create("c-1").await.unwrap();
     let mut w = ws(&s, "/v1/capsules/c-1/console", Some(&s.owner)).await.unwrap();
+    // Keepalive: a ping is answered with a pong carrying the same payload.
+    w.send(Message::Ping(b"are-you-there".to_vec().into())).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Message::Pong(p) = w.next().await.expect("open").unwrap() {
+                assert_eq!(&p[..], b"are-you-there");
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a pong within 10 s");
     w.send(Message::Binary(b"exit 3\r".to_vec().into())).await.unwrap();
     let mut exit = None;
     let mut close = None;
@@ -519,4 +531,21 @@ async fn input_sent_after_the_exit_does_not_cost_the_exit_frame() {
         }
     }
     assert!(seen.contains("one\r\n") && seen.contains("24 80"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_sleeping_capsule_gets_a_ticket_and_wakes_for_the_console() {
+    let s = server().await;
+    let c = api(&s).connect(&s.owner).unwrap();
+    let cap = c.create("c-1").await.unwrap();
+    cap.sleep().await.unwrap();
+    // Issuing a ticket does not wake it; opening the console does.
+    let t = ticket(&s, "c-1", &s.owner).await;
+    assert_eq!(cap.status().await.unwrap().state.as_str(), "sleeping");
+    let mut w = ws(&s, &format!("/v1/capsules/c-1/console?ticket={t}"), None)
+        .await
+        .unwrap();
+    assert_eq!(cap.status().await.unwrap().state.as_str(), "running");
+    w.send(Message::Binary(b"echo awake\r".to_vec().into())).await.unwrap();
+    ws_until(&mut w, "awake\r\n").await;
 }
