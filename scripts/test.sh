@@ -42,6 +42,7 @@ vm_target capsules-microvm smoke_boot
 vm_target capsules-backend-qemu qemu_vmm
 vm_target capsules-backend-qemu contract_qemu
 vm_target capsules-backend-qemu vm_qemu
+vm_target capsules-server preview_qemu
 vm_target capsules-backend-chv real_ch
 vm_target capsules-backend-chv contract_chv
 vm_target capsules-server vm_console

@@ -236,10 +236,10 @@ impl Proxy {
             parts.headers.insert(header::UPGRADE, u);
         }
         strip_credentials(&mut parts.headers, bearer.is_some());
-        if !parts.headers.contains_key(header::HOST) {
-            if let Ok(h) = HeaderValue::from_str(&host) {
-                parts.headers.insert(header::HOST, h);
-            }
+        if !parts.headers.contains_key(header::HOST)
+            && let Ok(h) = HeaderValue::from_str(&host)
+        {
+            parts.headers.insert(header::HOST, h);
         }
         let proto = if self.config.tls() { "https" } else { "http" };
         parts
@@ -293,7 +293,13 @@ impl Proxy {
     }
 
     async fn authorize(&self, target: &PreviewTarget, token: &str, source: Source) -> Res<PreviewTarget> {
-        match self.preview.authorize(&target.host_label, Some(token)).await {
+        // Checked first even where access is public: the query token becomes a cookie, so it must
+        // be a well-formed token (no `;` or attributes smuggled into Set-Cookie).
+        let checked = match capsules_core::tokens::parse_secret(token) {
+            Ok(_) => self.preview.authorize(&target.host_label, Some(token)).await,
+            Err(e) => Err(e),
+        };
+        match checked {
             Ok(t) => Ok(t),
             Err(e) => {
                 let mut r = Refusal::from_error(&e);

@@ -267,6 +267,13 @@ async fn public_urls_open_for_anyone_and_never_see_our_tokens() {
     let (_cap, label) = exposed(&s, "pub-1", "public").await;
     let r = get(&s, &label, "/hi").send().await.unwrap();
     assert_eq!(r.headers()["x-from"], "capsule");
+    // Even here a query token must be a token: it would become a cookie.
+    let bad = get(&s, &label, "/?capsule_token=x%3B%20Domain%3Dlocalhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+    assert!(bad.headers().get("set-cookie").is_none());
     let v = seen(r).await;
     assert_eq!(v["method"], "GET");
     let v = seen(
