@@ -21,6 +21,11 @@ have as || need+=(binutils)
 have ps || need+=(procps)
 have dpkg-deb || need+=(dpkg)
 [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
+# The web console: Node.js and npm build its assets; headless Chromium and its WebDriver test it.
+have node || need+=(nodejs)
+have npm || need+=(npm)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
@@ -41,4 +46,17 @@ fi
 # The official MCP Python SDK, for examples/mcp's end-to-end test (reported ignored without it).
 if command -v python3 >/dev/null 2>&1; then
   python3 -c "import mcp" 2>/dev/null || python3 -m pip install --quiet "mcp>=1,<2"
+fi
+
+# The web console's assets (examples/server/console/dist, served under /console/), rebuilt only
+# when its sources or lockfile changed. npm fetches the locked packages from the npm registry.
+console="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/examples/server/console"
+if have npm && [ -f "$console/package-lock.json" ]; then
+  stamp="$console/dist/.built-from"
+  want="$(cd "$console" && cat package.json package-lock.json build.mjs index.html tsconfig.json $(find src -type f | sort) | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: building the web console (npm ci && npm run build in examples/server/console)"
+    (cd "$console" && npm ci --no-audit --no-fund --loglevel=error >/dev/null && npm run --silent build)
+    echo "$want" >"$stamp"
+  fi
 fi

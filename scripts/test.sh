@@ -47,6 +47,7 @@ vm_target capsules-server preview_qemu
 vm_target capsules-backend-chv real_ch
 vm_target capsules-backend-chv contract_chv
 vm_target capsules-server vm_console
+vm_target capsules-server console_vm
 
 step "quickstart on a real capsule"
 timeout --signal=KILL 1800 scripts/quickstart.sh

@@ -25,6 +25,7 @@ pub struct ServerConfig {
     tls: bool,
     preview_hold: Duration,
     traffic_flush: Duration,
+    console_dir: std::path::PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +36,7 @@ impl Default for ServerConfig {
             tls: false,
             preview_hold: DEFAULT_PREVIEW_HOLD,
             traffic_flush: DEFAULT_TRAFFIC_FLUSH,
+            console_dir: crate::webconsole::default_dir(),
         }
     }
 }
@@ -95,6 +97,18 @@ impl ServerConfig {
         }
         self.traffic_flush = every;
         Ok(self)
+    }
+
+    /// Where the built web console is (`index.html` and `assets/`), served under `/console/`
+    /// (default [`webconsole::default_dir`](crate::webconsole::default_dir)). A directory without
+    /// a built console is not an error: `/console/` then says how to build it.
+    pub fn with_console_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.console_dir = dir.into();
+        self
+    }
+
+    pub fn console_dir(&self) -> &std::path::Path {
+        &self.console_dir
     }
 
     pub fn preview_domain(&self) -> &str {

@@ -1,5 +1,6 @@
 //! Errors on the wire: one function maps a kind to a status; every rejection (axum's included)
-//! becomes `{"error": {"kind", "message"}}`.
+//! becomes `{"error": {"kind", "message"}}`, plus `"field"` (the request field it concerns) where
+//! the server knows it, so a form can show the message beside that field.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +34,8 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
 pub struct ApiError {
     pub error: Error,
     pub status: Option<StatusCode>,
+    /// The request field the error concerns (`name`, `size`, `credit_limit`, ...), if known.
+    pub field: Option<&'static str>,
 }
 
 impl ApiError {
@@ -45,7 +48,13 @@ impl ApiError {
         ApiError {
             error: Error::invalid_input(format!("the request body is over the limit of {limit} bytes")),
             status: Some(StatusCode::PAYLOAD_TOO_LARGE),
+            field: None,
         }
+    }
+
+    pub fn with_field(mut self, field: Option<&'static str>) -> Self {
+        self.field = field;
+        self
     }
 
     pub fn with_status(mut self, status: StatusCode) -> Self {
@@ -60,7 +69,11 @@ impl ApiError {
 
 impl From<Error> for ApiError {
     fn from(error: Error) -> Self {
-        ApiError { error, status: None }
+        ApiError {
+            error,
+            status: None,
+            field: None,
+        }
     }
 }
 
@@ -72,7 +85,11 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(kind = %self.error.kind(), error = %self.error, "request refused");
         }
-        let body = serde_json::to_vec(&ErrorBody::from_error(&self.error)).unwrap_or_default();
+        let mut body = serde_json::to_value(ErrorBody::from_error(&self.error)).unwrap_or_default();
+        if let Some(field) = self.field {
+            body["error"]["field"] = field.into();
+        }
+        let body = serde_json::to_vec(&body).unwrap_or_default();
         let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
         if self.error.kind() == ErrorKind::Unavailable {
             resp.headers_mut()

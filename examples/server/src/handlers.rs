@@ -126,7 +126,7 @@ pub(crate) async fn create_capsule(
         }
     };
     let Some(key) = key else {
-        let rec = run_create(&c, req).await?;
+        let rec = run_create(&c, req).await.map_err(create_field)?;
         return Ok((StatusCode::CREATED, Json(view::capsule(&st.config, &rec))).into_response());
     };
     let cell = {
@@ -143,7 +143,8 @@ pub(crate) async fn create_capsule(
             first = true;
             run_create(&c, req)
         })
-        .await?
+        .await
+        .map_err(create_field)?
         .clone();
     let status = if first { StatusCode::CREATED } else { StatusCode::OK };
     Ok((
@@ -154,7 +155,53 @@ pub(crate) async fn create_capsule(
         .into_response())
 }
 
+/// Names the create field an error concerns, so the console shows it beside that field. Core's
+/// errors name what was wrong in their messages; this reads the subject they start with (or the
+/// name prefix a policy denial cites).
+fn create_field(mut e: ApiError) -> ApiError {
+    if e.field.is_some() {
+        return e;
+    }
+    let m = e.error.message().to_ascii_lowercase();
+    let name_taken = e.error.kind() == capsules_core::ErrorKind::AlreadyExists;
+    let field = if name_taken || m.contains("name prefix") || m.starts_with("capsule name") || m.starts_with("name ") {
+        Some("name")
+    } else if m.contains("credit limit") || m.starts_with("amount") {
+        Some("credit_limit")
+    } else if m.contains("disk") {
+        Some("disk_gib")
+    } else if m.starts_with("size") {
+        Some("size")
+    } else if m.contains("idle_timeout") || m.contains("idle timeout") {
+        Some("idle_timeout_secs")
+    } else if m.contains("max_runtime") || m.contains("max runtime") {
+        Some("max_runtime_secs")
+    } else if m.contains("network") || m.contains("cidr") {
+        Some("network")
+    } else if m.starts_with("image") {
+        Some("image")
+    } else if m.starts_with("region") {
+        Some("region")
+    } else {
+        None
+    };
+    e.field = field;
+    e
+}
+
 async fn run_create(c: &Client, req: CapsuleCreate) -> Res<capsules_core::records::CapsuleRecord> {
+    // The fields a form shows errors beside are checked first, so their errors name the field.
+    let field = |f: &'static str| move |e: Error| ApiError::from(e).with_field(Some(f));
+    capsules_core::types::CapsuleName::new(req.name.clone()).map_err(field("name"))?;
+    if let Some(v) = &req.size {
+        Size::parse(v).map_err(field("size"))?;
+    }
+    if let Some(v) = &req.credit_limit {
+        MicroCredits::parse(v).map_err(field("credit_limit"))?;
+    }
+    if let Some(v) = &req.network {
+        capsules_core::types::NetworkPolicy::parse(v).map_err(field("network"))?;
+    }
     let mut b = c.create(req.name);
     if let Some(v) = req.size {
         b = b.size(v);
@@ -175,10 +222,10 @@ async fn run_create(c: &Client, req: CapsuleCreate) -> Res<capsules_core::record
         b = b.network(v);
     }
     if let Some(v) = req.idle_timeout_secs {
-        b = b.idle_timeout(secs("idle_timeout_secs", v)?);
+        b = b.idle_timeout(secs("idle_timeout_secs", v).map_err(|e| e.with_field(Some("idle_timeout_secs")))?);
     }
     if let Some(v) = req.max_runtime_secs {
-        b = b.max_runtime(secs("max_runtime_secs", v)?);
+        b = b.max_runtime(secs("max_runtime_secs", v).map_err(|e| e.with_field(Some("max_runtime_secs")))?);
     }
     let h = b.await?;
     Ok(h.status().await?)
@@ -556,6 +603,27 @@ pub(crate) async fn unexpose(
 ) -> Res<StatusCode> {
     handle(&st, &bearer, &c)?.unexpose().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- catalogue ----
+
+/// `GET /v1/sizes`: the approved sizes with their bounds and compute rate (public: the catalogue
+/// is the same for every caller).
+pub(crate) async fn sizes(State(st): State<AppState>) -> Json<serde_json::Value> {
+    let rates = st.capsules.rates();
+    let sizes: Vec<_> = Size::ALL
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.as_str(),
+                "vcpus": s.vcpus(),
+                "memory_mib": s.memory_mib(),
+                "max_disk_gib": s.max_disk_gib(),
+                "compute_per_minute": rates.compute_minute(*s),
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "sizes": sizes, "storage_gib_hour": rates.storage_gib_hour }))
 }
 
 /// Longest life of a preview token (7 days); the default is an hour.

@@ -17,11 +17,13 @@
 //! ```
 //!
 //! Every route is in [`route_table`] and in the OpenAPI document served at `/v1/openapi.json`.
-//!
 //! In front of the API, on the same port, sits the **preview proxy**: a request whose `Host` is
 //! `<host label>.<preview domain>[:port]` (default domain `localhost`, see [`ServerConfig`]) goes
 //! to the port the capsule exposes (through the backend's `connect`, waking it if it sleeps);
 //! every other host is the API's. [`app_with`] takes the configuration.
+//!
+//! Beside the API, under `/console/`, the server serves the web console's built assets
+//! ([`webconsole`]; the directory is [`ServerConfig::with_console_dir`]).
 //!
 //! ## The console
 //!
@@ -50,14 +52,15 @@
 //!   detaches: core records `console_attached` / `console_detached`, and an attached console
 //!   counts as activity.
 
-pub mod console;
 mod config;
+pub mod console;
 pub mod error;
 pub mod extract;
 mod handlers;
 mod ndjson;
 mod proxy;
 mod view;
+pub mod webconsole;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -88,15 +91,16 @@ pub(crate) struct AppState {
     pub(crate) config: Arc<ServerConfig>,
 }
 
-/// Builds the app with the default [`ServerConfig`]: every `/v1` route over `capsules`, and the
-/// preview proxy under `*.localhost`.
+/// Builds the app with the default [`ServerConfig`]: every `/v1` route over `capsules`, the
+/// preview proxy under `*.localhost`, and the web console from [`webconsole::default_dir`].
 pub fn app(capsules: Capsules) -> Router {
     app_with(capsules, ServerConfig::default())
 }
 
-/// Builds the app: the preview proxy for hosts under the preview domain, every `/v1` route for
-/// the rest.
+/// Builds the app: the preview proxy for hosts under the preview domain, every `/v1` route and
+/// the web console (`/console/`) for the rest.
 pub fn app_with(capsules: Capsules, config: ServerConfig) -> Router {
+    let console = webconsole::router(config.console_dir().to_path_buf());
     let config = Arc::new(config);
     let proxy = proxy::Proxy::new(capsules.preview(), config.clone());
     let state = AppState {
@@ -109,8 +113,9 @@ pub fn app_with(capsules: Capsules, config: ServerConfig) -> Router {
         .0
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(log_request))
-        .with_state(state);
+        .with_state(state)
+        .merge(console)
+        .layer(axum::middleware::from_fn(log_request));
     Router::new()
         .fallback_service(api)
         .layer(axum::middleware::from_fn_with_state(proxy, proxy::dispatch))
@@ -153,6 +158,7 @@ fn routes() -> (Router<AppState>, Vec<(Method, &'static str)>) {
     };
     let r = r
         .add(Method::GET, "/v1/openapi.json", get(openapi))
+        .add(Method::GET, "/v1/sizes", get(h::sizes))
         // tokens
         .add(Method::POST, "/v1/tokens", post(h::create_token))
         .add(Method::GET, "/v1/tokens", get(h::list_tokens))

@@ -51,6 +51,10 @@ struct Args {
     /// Where state lives: `sqlite` (durable, <state-dir>/capsules.db) or `memory` (lost on exit).
     #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
     store: StoreKind,
+    /// The built web console served under /console/ (`npm ci && npm run build` in
+    /// examples/server/console) [default: examples/server/console/dist of this source tree].
+    #[arg(long, env = "CAPSULES_CONSOLE_DIR")]
+    console_dir: Option<PathBuf>,
     /// Public URLs are http://<host label>.<preview domain>:<port>/ on this server's own port
     /// (the preview proxy answers every request whose Host is under this domain).
     #[arg(long, default_value = "localhost", env = "CAPSULES_PREVIEW_DOMAIN")]
@@ -263,6 +267,18 @@ async fn run(args: Args) -> Result<()> {
         config.preview_domain(),
         addr.port()
     );
+    let console_dir = args
+        .console_dir
+        .unwrap_or_else(capsules_server::webconsole::default_dir);
+    if capsules_server::webconsole::is_built(&console_dir) {
+        println!("capsules-server: web console at http://{addr}/console/ (sign in with a token)");
+    } else {
+        println!(
+            "capsules-server: the web console is not built (no {}); build it with `{}`",
+            console_dir.join("index.html").display(),
+            capsules_server::webconsole::BUILD_COMMAND
+        );
+    }
     // Streamed responses (exec output) go out at once instead of waiting on delayed ACKs.
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
@@ -270,6 +286,7 @@ async fn run(args: Args) -> Result<()> {
             tracing::warn!("could not set TCP_NODELAY: {e}");
         }
     });
+    let config = config.with_console_dir(console_dir);
     axum::serve(listener, capsules_server::app_with(capsules, config))
         .with_graceful_shutdown(shutdown_signal())
         .await
