@@ -100,9 +100,14 @@ async fn setup(state: &Path) -> Result<(B, QemuVmm, AssetManifest, PathBuf), Str
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("could not build the guest assets: {e}"))?;
-    let agent_bin = std::env::var_os("CAPSULES_AGENT_BIN").map(PathBuf::from).unwrap_or(agent_bin);
+    let agent_bin = std::env::var_os("CAPSULES_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or(agent_bin);
     if !agent_bin.is_file() {
-        return Err(format!("no agent binary at {} (set CAPSULES_AGENT_BIN)", agent_bin.display()));
+        return Err(format!(
+            "no agent binary at {} (set CAPSULES_AGENT_BIN)",
+            agent_bin.display()
+        ));
     }
     let config = || QemuConfig::from_env().map_err(|e| e.to_string());
     let vmm = QemuVmm::new(config()?).map_err(|e| e.to_string())?;
@@ -144,7 +149,11 @@ fn capsule_qemu_pid(state: &Path) -> u32 {
         .filter_map(|f| std::fs::read_to_string(f).ok()?.trim().parse().ok())
         .filter(|&p| alive(p))
         .collect();
-    assert_eq!(live.len(), 1, "expected one running capsule QEMU: {files:?} -> {live:?}");
+    assert_eq!(
+        live.len(),
+        1,
+        "expected one running capsule QEMU: {files:?} -> {live:?}"
+    );
     live[0]
 }
 
@@ -306,31 +315,89 @@ impl Raw {
         }
     }
 
-    /// QMP: capabilities, then `cont` (during an incoming migration QEMU then starts the guest as
-    /// soon as the snapshot is loaded).
+    /// QMP, as the backend restores: capabilities, `query-status` until the snapshot is loaded
+    /// (`paused`), then `cont`.
     async fn qmp_cont(&self, child: &mut std::process::Child) {
         let s = self.connect("qmp.sock", child).await;
         let (r, mut w) = s.into_split();
         let mut lines = BufReader::new(r).lines();
         lines.next_line().await.unwrap().expect("QMP greeting");
-        for cmd in ["qmp_capabilities", "cont"] {
-            w.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes()).await.unwrap();
+        let mut exec = async |cmd: &str| -> String {
+            w.write_all(format!("{{\"execute\":\"{cmd}\"}}\n").as_bytes())
+                .await
+                .unwrap();
             loop {
                 let l = lines.next_line().await.unwrap().expect("a QMP answer");
                 if l.contains("\"return\"") {
-                    break;
+                    return l;
                 }
                 assert!(!l.contains("\"error\""), "QMP {cmd}: {l}");
             }
+        };
+        exec("qmp_capabilities").await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let st = exec("query-status").await;
+            if st.contains("\"paused\"") || st.contains("\"postmigrate\"") {
+                break;
+            }
+            assert!(!st.contains("\"running\""), "restored VM already running: {st}");
+            assert!(
+                Instant::now() < deadline,
+                "the snapshot did not load within 120 s: {st}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        exec("cont").await;
     }
 
-    /// A fresh agent session over the raw VM's agent socket.
+    /// A fresh agent session over the raw VM's agent socket (a new connection per attempt, as
+    /// the backend does).
     async fn agent(&self, child: &mut std::process::Child) -> AgentClient {
-        let s = self.connect("agent.sock", child).await;
-        let epoch = EPOCH.fetch_add(1, Ordering::SeqCst);
-        AgentClient::handshake(s, epoch, ClientOptions::default()).await.expect("agent handshake")
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = self.connect("agent.sock", child).await;
+            let epoch = EPOCH.fetch_add(1, Ordering::SeqCst);
+            let opts = ClientOptions {
+                handshake_timeout: Duration::from_secs(5),
+                ..ClientOptions::default()
+            };
+            match AgentClient::handshake(s, epoch, opts).await {
+                Ok(a) => return a,
+                Err(e) => assert!(Instant::now() < deadline, "agent handshake: {e:?}"),
+            }
+        }
     }
+}
+
+/// A raw QEMU process, killed (SIGKILL) and reaped on drop, also when the bench panics.
+struct RawChild(std::process::Child);
+
+impl Drop for RawChild {
+    fn drop(&mut self) {
+        kill(&mut self.0);
+    }
+}
+
+/// A fresh data disk as the backend makes one (sparse file, `mkfs.ext4` with lazy init).
+fn fresh_data_disk(path: &Path, gib: u64) {
+    let _ = std::fs::remove_file(path);
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(gib << 30).unwrap();
+    drop(f);
+    let st = std::process::Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            "capsule-data",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+        ])
+        .arg(path)
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(st.success(), "mkfs.ext4 {}", path.display());
 }
 
 fn kill(child: &mut std::process::Child) {
@@ -365,8 +432,7 @@ fn sparse_copy(from: &Path, to: &Path) {
 }
 
 fn main() {
-    if let Err(why) = capsules_microvm::testing::check_prerequisites(&[("qemu-system-x86_64", "qemu-system-x86")])
-    {
+    if let Err(why) = capsules_microvm::testing::check_prerequisites(&[("qemu-system-x86_64", "qemu-system-x86")]) {
         eprintln!("microvm benches skipped: {why}");
         return;
     }
@@ -415,7 +481,6 @@ fn main() {
     // --- cold boot: raw QEMU to the ready line, then the capsule to its first exec output.
     rt.block_on(b.sleep(&s.id)).expect("sleep");
     let boot_data = raw_dir.join("boot-data.ext4");
-    sparse_copy(&data_disk, &boot_data);
     // The snapshot the raw restores load, and the disk it goes with (copied while asleep).
     let snap = raw_dir.join("memory.qemu");
     std::fs::copy(find_one(&cap_state, SNAPSHOT_FILE), &snap).unwrap();
@@ -431,11 +496,13 @@ fn main() {
             rt.block_on(async {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
+                    // A fresh disk like every capsule's (made outside the timing).
+                    fresh_data_disk(&boot.vm.disks[1].path, 2);
                     let t = Instant::now();
-                    let mut child = boot.spawn(&raw_vmm, None);
-                    boot.wait_serial(&mut child, READY).await;
+                    let mut child = RawChild(boot.spawn(&raw_vmm, None));
+                    boot.wait_serial(&mut child.0, READY).await;
                     let d = t.elapsed();
-                    kill(&mut child);
+                    drop(child);
                     record("raw_qemu_boot_to_ready", d);
                     total += d;
                 }
@@ -472,13 +539,13 @@ fn main() {
                 for _ in 0..iters {
                     sparse_copy(&restore_data_master, &restore_data);
                     let t = Instant::now();
-                    let mut child = restore.spawn(&raw_vmm, Some(&snap));
-                    restore.qmp_cont(&mut child).await;
-                    let a = restore.agent(&mut child).await;
+                    let mut child = RawChild(restore.spawn(&raw_vmm, Some(&snap)));
+                    restore.qmp_cont(&mut child.0).await;
+                    let a = restore.agent(&mut child.0).await;
                     agent_first_output(&a).await;
                     let d = t.elapsed();
                     a.close();
-                    kill(&mut child);
+                    drop(child);
                     record("raw_qemu_restore_to_first_output", d);
                     total += d;
                 }
@@ -553,7 +620,9 @@ fn main() {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(st) = tokio::net::UnixStream::connect(&sock).await {
-                break AgentClient::handshake(st, 1, ClientOptions::default()).await.expect("handshake");
+                break AgentClient::handshake(st, 1, ClientOptions::default())
+                    .await
+                    .expect("handshake");
             }
             assert!(Instant::now() < deadline, "the host agent did not listen");
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -578,10 +647,10 @@ fn main() {
 
     // The raw restored guest's agent, no backend in between.
     sparse_copy(&restore_data_master, &restore_data);
-    let mut child = restore.spawn(&raw_vmm, Some(&snap));
+    let mut child = RawChild(restore.spawn(&raw_vmm, Some(&snap)));
     let guest_client = rt.block_on(async {
-        restore.qmp_cont(&mut child).await;
-        restore.agent(&mut child).await
+        restore.qmp_cont(&mut child.0).await;
+        restore.agent(&mut child.0).await
     });
     g.bench_function("raw_qemu_agent_exec_true_round_trip", |bn| {
         bn.iter_custom(|iters| {
@@ -598,7 +667,7 @@ fn main() {
         })
     });
     guest_client.close();
-    kill(&mut child);
+    drop(child);
     g.finish();
 
     // --- host memory: the running capsule after 5 s idle, then asleep.
@@ -642,7 +711,10 @@ fn summary(accel: &str, idle_rss: Option<u64>, asleep_rss: Option<u64>, sleeping
     ratio("wake_to_first_output", "raw_qemu_restore_to_first_output", 1.2);
     ratio("exec_true_round_trip", "agent_unix_socket_exec_true_round_trip", 2.0);
     ratio("exec_true_round_trip", "raw_qemu_agent_exec_true_round_trip", 2.0);
-    if let (Some(x), Some(y)) = (median("exec_true_round_trip"), median("raw_qemu_agent_exec_true_round_trip")) {
+    if let (Some(x), Some(y)) = (
+        median("exec_true_round_trip"),
+        median("raw_qemu_agent_exec_true_round_trip"),
+    ) {
         println!(
             "  exec round trip: host-side overhead above the raw guest agent {:.1} ms",
             ms(x.saturating_sub(y))
@@ -654,10 +726,17 @@ fn summary(accel: &str, idle_rss: Option<u64>, asleep_rss: Option<u64>, sleeping
         None => println!("  host RSS of a running idle capsule's QEMU: not found"),
     }
     match asleep_rss {
-        Some(r) => println!("  host RSS of a sleeping capsule: its QEMU is still running, {:.1} MiB", mib(r)),
+        Some(r) => println!(
+            "  host RSS of a sleeping capsule: its QEMU is still running, {:.1} MiB",
+            mib(r)
+        ),
         None => println!(
             "  host RSS of a sleeping capsule: 0 (no VMM process{}; memory snapshot on disk {:.1} MiB)",
-            if sleeping_alive { "; but it was alive at the first sleep" } else { "" },
+            if sleeping_alive {
+                "; but it was alive at the first sleep"
+            } else {
+                ""
+            },
             mib(snapshot_bytes)
         ),
     }

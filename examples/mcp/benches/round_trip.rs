@@ -116,6 +116,11 @@ fn main() {
         let owner = boot.owner.secret.expose().to_owned();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        // As the capsules-server binary does: streamed exec output is not held back by Nagle.
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move { axum::serve(listener, capsules_server::app(capsules)).await });
         let api = capsules_client::Capsules::new(&url).unwrap();
         let token = api
