@@ -341,7 +341,7 @@ impl Raw {
             if st.contains("\"paused\"") || st.contains("\"postmigrate\"") {
                 break;
             }
-            assert!(!st.contains("\"running\""), "restored VM already running: {st}");
+            assert!(st.contains("\"inmigrate\""), "unexpected state while restoring: {st}");
             assert!(
                 Instant::now() < deadline,
                 "the snapshot did not load within 120 s: {st}"
@@ -366,6 +366,21 @@ impl Raw {
                 Ok(a) => return a,
                 Err(e) => assert!(Instant::now() < deadline, "agent handshake: {e:?}"),
             }
+        }
+    }
+}
+
+/// Terminates the long-lived capsule when dropped, also when a bench panics.
+struct Cleanup<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    b: &'a B,
+    id: CapsuleId,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.rt.block_on(self.b.terminate(&self.id)) {
+            eprintln!("cleanup: terminate: {e}");
         }
     }
 }
@@ -463,6 +478,11 @@ fn main() {
     // The long-lived capsule: its kernel command line and data disk shape the raw VMs.
     let s = spec();
     rt.block_on(b.create(&s)).expect("create");
+    let cleanup = Cleanup {
+        rt: &rt,
+        b: &b,
+        id: s.id.clone(),
+    };
     rt.block_on(first_output(&b, &s.id));
     let pid = capsule_qemu_pid(&cap_state);
     let cmdline = append_of(pid);
@@ -676,9 +696,7 @@ fn main() {
     let idle_rss = rss(pid);
     rt.block_on(b.sleep(&s.id)).expect("sleep");
     let asleep_rss = if alive(pid) { rss(pid) } else { None };
-    if let Err(e) = rt.block_on(b.terminate(&s.id)) {
-        eprintln!("cleanup: terminate: {e}");
-    }
+    drop(cleanup);
     c.final_summary();
 
     let accel = raw_vmm.accel().as_str();
