@@ -48,6 +48,9 @@ vm_target capsules-backend-chv real_ch
 vm_target capsules-backend-chv contract_chv
 vm_target capsules-server vm_console
 vm_target capsules-server console_vm
+# The MCP server against a real capsule: it runs the capsules-server binary.
+cargo build -q -p capsules-server --all-features
+vm_target capsules-mcp mcp_real
 
 step "quickstart on a real capsule"
 timeout --signal=KILL 1800 scripts/quickstart.sh

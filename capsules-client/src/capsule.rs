@@ -144,7 +144,7 @@ impl CapsuleHandle {
             .http
             .send(self.http.request(Method::GET, &path, &self.secret))
             .await?;
-        Ok(ndjson(resp))
+        Ok(ndjson(resp, self.http.base()))
     }
 
     pub async fn signal(&self, handle: &str, signal: i32) -> Result<()> {
@@ -364,7 +364,10 @@ fn pack_dir(dir: &Path) -> Result<Vec<u8>> {
 
 /// Decodes an NDJSON exec stream (`{"stdout": b64}`, `{"stderr": b64}`, `{"exit": ...}`,
 /// `{"error": ...}`) into exec events.
-fn ndjson(resp: Response) -> ExecStream {
+/// The exec lines of `resp`; a body that breaks off (the server went away mid-stream) is an
+/// `Unavailable` error naming the API at `base`.
+fn ndjson(resp: Response, base: &str) -> ExecStream {
+    let base = base.to_owned();
     struct St {
         body: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
         buf: BytesMut,
@@ -375,38 +378,46 @@ fn ndjson(resp: Response) -> ExecStream {
         buf: BytesMut::new(),
         done: false,
     };
-    let events = futures::stream::unfold(st, |mut st| async move {
-        loop {
-            if st.done {
-                return None;
-            }
-            if let Some(i) = st.buf.iter().position(|&b| b == b'\n') {
-                let line = st.buf.split_to(i + 1);
-                let line = &line[..i];
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
+    let events = futures::stream::unfold(st, move |mut st| {
+        let base = base.clone();
+        async move {
+            loop {
+                if st.done {
+                    return None;
                 }
-                let ev = decode_line(line);
-                if matches!(ev, Ok(ExecEvent::Exit(_)) | Err(_)) {
-                    st.done = true;
+                if let Some(i) = st.buf.iter().position(|&b| b == b'\n') {
+                    let line = st.buf.split_to(i + 1);
+                    let line = &line[..i];
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    let ev = decode_line(line);
+                    if matches!(ev, Ok(ExecEvent::Exit(_)) | Err(_)) {
+                        st.done = true;
+                    }
+                    return Some((ev, st));
                 }
-                return Some((ev, st));
-            }
-            match st.body.next().await {
-                Some(Ok(b)) => st.buf.extend_from_slice(&b),
-                Some(Err(e)) => {
-                    st.done = true;
-                    return Some((
-                        Err(Error::unavailable("the command's output stream broke off").with_source(e)),
-                        st,
-                    ));
-                }
-                None => {
-                    st.done = true;
-                    return Some((
-                        Err(Error::unavailable("the command's output ended without an exit status")),
-                        st,
-                    ));
+                match st.body.next().await {
+                    Some(Ok(b)) => st.buf.extend_from_slice(&b),
+                    Some(Err(e)) => {
+                        st.done = true;
+                        return Some((
+                            Err(Error::unavailable(format!(
+                                "the Capsules API at {base} broke off the command's output stream"
+                            ))
+                            .with_source(e)),
+                            st,
+                        ));
+                    }
+                    None => {
+                        st.done = true;
+                        return Some((
+                            Err(Error::unavailable(format!(
+                                "the Capsules API at {base} ended the command's output without an exit status"
+                            ))),
+                            st,
+                        ));
+                    }
                 }
             }
         }
@@ -492,7 +503,7 @@ impl ExecBuilder {
             }
         };
         let resp = h.http.send(req).await?;
-        Ok(ndjson(resp))
+        Ok(ndjson(resp, h.http.base()))
     }
 
     async fn collect(self) -> Result<ExecOutput> {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use capsules_client::{Capsules, Client};
+use futures::StreamExt;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
@@ -102,6 +103,46 @@ struct ListFilesArgs {
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct SpawnArgs {
+    /// The capsule's name (or id).
+    name: String,
+    /// The command as an argument vector, e.g. ["npm", "run", "dev"]. Give this or `shell`.
+    argv: Option<Vec<String>>,
+    /// A shell command line, run with `sh -c`. Give this or `argv`.
+    shell: Option<String>,
+    /// The working directory.
+    cwd: Option<String>,
+    /// Extra environment variables.
+    env: Option<BTreeMap<String, String>>,
+    /// Kill the command after this many seconds.
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct ReadOutputArgs {
+    /// The capsule's name (or id).
+    name: String,
+    /// The handle `exec_background` returned.
+    handle: String,
+    /// Byte offset in the process's combined output (stdout and stderr) to read from: 0 (default)
+    /// for the start, or the `next_offset` of the previous read.
+    offset: Option<u64>,
+    /// Seconds to wait for more output or the exit (default 2, at most 60).
+    wait_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct ExposeArgs {
+    /// The capsule's name (or id).
+    name: String,
+    /// The TCP port a server in the capsule listens on (1-65535).
+    port: u16,
+    /// Who may open the URL: "token" (default: a bearer token that can read the capsule) or
+    /// "public" (anyone; your token needs `urls:public`).
+    access: Option<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct ListArgs {
     /// Include terminated capsules too (default false).
     include_terminated: Option<bool>,
@@ -125,8 +166,62 @@ fn ok(v: Value) -> CallToolResult {
 fn finish(r: ToolResult) -> CallToolResult {
     match r {
         Ok(v) => ok(v),
-        Err(e) => CallToolResult::error(vec![ContentBlock::text(format!("{} error: {}", e.kind(), e.message()))]),
+        Err(e) => CallToolResult::error(vec![ContentBlock::text(error_text(&e))]),
     }
+}
+
+/// The text of a failed tool call: the API's message, or for a transport failure (the API is
+/// down, or went away mid-call) one that says the API is unreachable and why.
+fn error_text(e: &capsules_core::Error) -> String {
+    const PREFIX: &str = "the Capsules API at ";
+    let msg = e.message();
+    if e.kind() == capsules_core::ErrorKind::Unavailable
+        && let Some(rest) = msg.strip_prefix(PREFIX)
+        && let Some((url, what)) = rest.split_once(' ')
+    {
+        let chain = e.chain();
+        let detail = chain.strip_prefix(msg).unwrap_or("").trim_start_matches(": ");
+        let what = what.strip_prefix("is unreachable").unwrap_or(what).trim();
+        let why = match (what.is_empty(), detail.is_empty()) {
+            (true, true) => "no connection".to_owned(),
+            (true, false) => detail.to_owned(),
+            (false, true) => format!("it {what}"),
+            (false, false) => format!("it {what} ({detail})"),
+        };
+        return format!(
+            "unavailable error: {PREFIX}{url} is unreachable: {why}. The call may not have completed; \
+             retry once the API is back (check with `status` before repeating anything that changes state)"
+        );
+    }
+    format!("{} error: {}", e.kind(), msg)
+}
+
+/// `argv`, or `sh -c shell`: exactly one of them.
+fn command(argv: Option<Vec<String>>, shell: Option<String>) -> Result<Vec<String>, capsules_core::Error> {
+    match (argv, shell) {
+        (Some(v), None) if !v.is_empty() => Ok(v),
+        (None, Some(s)) => Ok(vec!["sh".to_owned(), "-c".to_owned(), s]),
+        _ => Err(capsules_core::Error::invalid_input(
+            "give exactly one of `argv` (a non-empty array) or `shell` (a string)",
+        )),
+    }
+}
+
+/// The URL of an exposed port: the server's `href` when it sends one, else built from the host
+/// label under `CAPSULE_PREVIEW_DOMAIN` (default `localhost`) on the API's scheme and port.
+fn public_href(url: &Value, api: &str, preview_domain: &str) -> Option<String> {
+    if let Some(h) = url.get("href").and_then(Value::as_str) {
+        return Some(h.to_owned());
+    }
+    let label = url.get("host_label")?.as_str()?;
+    let (scheme, rest) = api.split_once("://").unwrap_or(("http", api));
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let port = authority
+        .rsplit_once(':')
+        .filter(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .map(|(_, p)| format!(":{p}"))
+        .unwrap_or_default();
+    Some(format!("{scheme}://{label}.{preview_domain}{port}/"))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Value {
@@ -232,15 +327,7 @@ impl CapsuleTools {
     async fn exec(&self, Parameters(a): Parameters<ExecArgs>) -> CallToolResult {
         finish(
             async {
-                let argv = match (a.argv, a.shell) {
-                    (Some(v), None) if !v.is_empty() => v,
-                    (None, Some(s)) => vec!["sh".to_owned(), "-c".to_owned(), s],
-                    _ => {
-                        return Err(capsules_core::Error::invalid_input(
-                            "give exactly one of `argv` (a non-empty array) or `shell` (a string)",
-                        ));
-                    }
-                };
+                let argv = command(a.argv, a.shell)?;
                 let h = self.client()?.capsule(&a.name)?;
                 let mut b = h.exec(argv);
                 if let Some(c) = a.cwd {
@@ -263,6 +350,103 @@ impl CapsuleTools {
                     "stderr_bytes": out.stderr.len(),
                     "stdout_dropped_bytes": so_dropped,
                     "stderr_dropped_bytes": se_dropped,
+                }))
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "Start a command in a capsule in the background (a server, a long build) and return at once with a `handle`. Read its output later with `read_output`. Give `argv` or `shell`."
+    )]
+    async fn exec_background(&self, Parameters(a): Parameters<SpawnArgs>) -> CallToolResult {
+        finish(
+            async {
+                let spec = capsules_client::wire::ExecSpec {
+                    argv: command(a.argv, a.shell)?,
+                    env: a.env.unwrap_or_default(),
+                    cwd: a.cwd,
+                    timeout_secs: a.timeout_secs,
+                    output_cap: None,
+                };
+                let p = self.client()?.capsule(&a.name)?.spawn(&spec).await?;
+                Ok(json!({
+                    "handle": p.handle,
+                    "pid": p.pid,
+                    "argv": p.argv,
+                    "running": p.running,
+                }))
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "Read the output of a background command (from `exec_background`) from byte `offset` of its combined output, waiting up to `wait_secs` (default 2) for more. Returns stdout, stderr, next_offset (pass it as `offset` next time), running, and exit_code once it ended. Each stream is capped at 16 KiB per read like `exec`."
+    )]
+    async fn read_output(&self, Parameters(a): Parameters<ReadOutputArgs>) -> CallToolResult {
+        finish(
+            async {
+                let wait = a.wait_secs.unwrap_or(2);
+                if wait > 60 {
+                    return Err(capsules_core::Error::invalid_input(format!(
+                        "wait_secs is {wait}; at most 60 is allowed"
+                    )));
+                }
+                let offset = a.offset.unwrap_or(0);
+                let mut s = self.client()?.capsule(&a.name)?.attach(&a.handle, offset).await?;
+                let (mut out, mut err, mut exit) = (Vec::new(), Vec::new(), None);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+                loop {
+                    match tokio::time::timeout_at(deadline, s.events.next()).await {
+                        Err(_) | Ok(None) => break,
+                        Ok(Some(Ok(capsules_core::backend::ExecEvent::Stdout(b)))) => out.extend_from_slice(&b),
+                        Ok(Some(Ok(capsules_core::backend::ExecEvent::Stderr(b)))) => err.extend_from_slice(&b),
+                        Ok(Some(Ok(capsules_core::backend::ExecEvent::Exit(x)))) => {
+                            exit = Some(x);
+                            break;
+                        }
+                        Ok(Some(Err(e))) => return Err(e),
+                    }
+                }
+                let (stdout, so_dropped) = head_tail(&out, STREAM_CAP);
+                let (stderr, se_dropped) = head_tail(&err, STREAM_CAP);
+                Ok(json!({
+                    "handle": a.handle,
+                    "running": exit.is_none(),
+                    "exit_code": exit.as_ref().map(|x| x.shell_code()),
+                    "stdout": stdout,
+                    "stderr": stderr,
+                    "stdout_dropped_bytes": so_dropped,
+                    "stderr_dropped_bytes": se_dropped,
+                    "next_offset": offset + (out.len() + err.len()) as u64,
+                }))
+            }
+            .await,
+        )
+    }
+
+    #[tool(
+        description = "Expose a TCP port of a capsule at its one public URL (replacing any earlier port) and return the URL. access \"token\" (default) needs a bearer token that can read the capsule; \"public\" lets anyone in."
+    )]
+    async fn expose_port(&self, Parameters(a): Parameters<ExposeArgs>) -> CallToolResult {
+        finish(
+            async {
+                if a.port == 0 {
+                    return Err(capsules_core::Error::invalid_input(
+                        "port is 0; give a TCP port from 1 to 65535",
+                    ));
+                }
+                let access = a.access.as_deref().unwrap_or("token");
+                let u = self.client()?.capsule(&a.name)?.expose(a.port, access).await?;
+                let v = to_json(&u);
+                let domain = std::env::var("CAPSULE_PREVIEW_DOMAIN").unwrap_or_else(|_| "localhost".to_owned());
+                let href = public_href(&v, self.api.base(), &domain);
+                Ok(json!({
+                    "url": href,
+                    "port": v.get("port"),
+                    "access": v.get("access"),
+                    "host_label": v.get("host_label"),
                 }))
             }
             .await,
@@ -385,8 +569,74 @@ impl ServerHandler for CapsuleTools {
     }
 }
 
+const USAGE: &str = "usage: capsule-mcp [--http 127.0.0.1:PORT]
+
+Serves Capsules as MCP tools over stdio (the default), or over streamable HTTP at
+http://ADDR/mcp with --http (loopback addresses only). Reads CAPSULE_API (default
+http://127.0.0.1:7878) and CAPSULE_TOKEN; every tool call is made with that token.";
+
+/// `--http ADDR`: a loopback socket address, or an error saying what is allowed.
+fn parse_args(args: &[String]) -> Result<Option<std::net::SocketAddr>, String> {
+    let mut http = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let value = match a.as_str() {
+            "-h" | "--help" => return Err(String::new()),
+            "--http" => it
+                .next()
+                .ok_or("--http needs an address, e.g. --http 127.0.0.1:8765")?
+                .as_str(),
+            s if s.starts_with("--http=") => &s["--http=".len()..],
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?}; the only option is --http 127.0.0.1:PORT"
+                ));
+            }
+        };
+        let addr: std::net::SocketAddr = value
+            .parse()
+            .map_err(|_| format!("--http {value:?} is not an IP:PORT address; use e.g. 127.0.0.1:8765"))?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "--http {addr} is not a loopback address; the MCP endpoint has no authentication of its \
+                 own (it acts with CAPSULE_TOKEN), so only 127.0.0.1:PORT or [::1]:PORT is allowed"
+            ));
+        }
+        http = Some(addr);
+    }
+    Ok(http)
+}
+
+/// MCP over streamable HTTP at `http://addr/mcp`, one session per client.
+async fn serve_http(tools: CapsuleTools, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+    let service = StreamableHttpService::new(
+        move || Ok(tools.clone()),
+        std::sync::Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let router = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    eprintln!("capsule-mcp: serving MCP over streamable HTTP at http://{addr}/mcp");
+    axum::serve(listener, router).await
+}
+
 #[tokio::main]
 async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let http = match parse_args(&args) {
+        Ok(h) => h,
+        Err(e) if e.is_empty() => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("capsule-mcp: {e}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
     let url = std::env::var("CAPSULE_API").unwrap_or_else(|_| capsules_client::DEFAULT_API.to_owned());
     let token = std::env::var("CAPSULE_TOKEN").unwrap_or_default();
     let api = match Capsules::new(&url) {
@@ -399,7 +649,15 @@ async fn main() {
     if token.is_empty() {
         eprintln!("capsule-mcp: CAPSULE_TOKEN is not set; every tool call will fail to authenticate");
     }
-    let service = match CapsuleTools::new(api, token).serve(rmcp::transport::stdio()).await {
+    let tools = CapsuleTools::new(api, token);
+    if let Some(addr) = http {
+        if let Err(e) = serve_http(tools, addr).await {
+            eprintln!("capsule-mcp: HTTP on {addr}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let service = match tools.serve(rmcp::transport::stdio()).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("capsule-mcp: could not start the MCP session: {e}");
@@ -414,7 +672,49 @@ async fn main() {
 
 #[cfg(test)]
 mod tests {
-    use super::head_tail;
+    use super::{head_tail, parse_args, public_href};
+    use serde_json::json;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn http_flag_takes_loopback_addresses_only() {
+        assert_eq!(parse_args(&[]).unwrap(), None);
+        let a = parse_args(&args(&["--http", "127.0.0.1:8765"])).unwrap().unwrap();
+        assert_eq!(a.to_string(), "127.0.0.1:8765");
+        assert!(parse_args(&args(&["--http=[::1]:9"])).unwrap().is_some());
+        let e = parse_args(&args(&["--http", "0.0.0.0:8765"])).unwrap_err();
+        assert!(e.contains("loopback"), "{e}");
+        let e = parse_args(&args(&["--http", "localhost"])).unwrap_err();
+        assert!(e.contains("IP:PORT"), "{e}");
+        assert!(parse_args(&args(&["--http"])).unwrap_err().contains("needs an address"));
+        assert!(
+            parse_args(&args(&["--stdio"]))
+                .unwrap_err()
+                .contains("unknown argument")
+        );
+    }
+
+    #[test]
+    fn public_url_prefers_the_servers_href() {
+        let with = json!({"href": "https://x-abc.preview.example/", "host_label": "x-abc"});
+        assert_eq!(
+            public_href(&with, "http://127.0.0.1:7878", "localhost").as_deref(),
+            Some("https://x-abc.preview.example/")
+        );
+        let without = json!({"host_label": "x-abc", "port": 8080});
+        assert_eq!(
+            public_href(&without, "http://127.0.0.1:7878", "localhost").as_deref(),
+            Some("http://x-abc.localhost:7878/")
+        );
+        assert_eq!(
+            public_href(&without, "https://api.example/v", "preview.example").as_deref(),
+            Some("https://x-abc.preview.example/")
+        );
+        assert_eq!(public_href(&json!({}), "http://h", "d"), None);
+    }
 
     #[test]
     fn short_output_is_kept_whole() {
