@@ -44,6 +44,7 @@ vm_target capsules-backend-qemu contract_qemu
 vm_target capsules-backend-qemu vm_qemu
 vm_target capsules-backend-chv real_ch
 vm_target capsules-backend-chv contract_chv
+vm_target capsules-server kill9_qemu
 
 step "quickstart on a real capsule"
 timeout --signal=KILL 1800 scripts/quickstart.sh

@@ -25,6 +25,7 @@ pub mod error;
 pub mod extract;
 mod handlers;
 mod ndjson;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -51,6 +51,13 @@ struct Args {
     /// Where state lives: `sqlite` (durable, <state-dir>/capsules.db) or `memory` (lost on exit).
     #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
     store: StoreKind,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key; both or neither). Without
+    /// them the server speaks plain HTTP.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, RSA or EC).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -159,6 +166,11 @@ fn write_bootstrap(state_dir: &Path, doc: &serde_json::Value) -> std::io::Result
 }
 
 async fn run(args: Args) -> Result<()> {
+    // TLS files are checked before anything starts, so a bad path fails at once.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(capsules_server::tls::load(cert, key)?),
+        _ => None,
+    };
     let kind = match args.backend {
         Some(k) => k,
         None if on_path("qemu-system-x86_64") && cfg!(feature = "qemu") => BackendKind::Qemu,
@@ -203,7 +215,7 @@ async fn run(args: Args) -> Result<()> {
                 .balance(&args.team)
                 .await?;
             let doc = serde_json::json!({
-                "api": format!("http://{addr}"),
+                "api": format!("{}://{addr}", if args.tls_cert.is_some() { "https" } else { "http" }),
                 "backend": format!("{kind:?}").to_lowercase(),
                 "team": boot.team.name.as_str(),
                 "team_id": boot.team.id.as_str(),
@@ -239,10 +251,19 @@ async fn run(args: Args) -> Result<()> {
         Err(e) => return Err(e),
     }
     let _jobs = capsules.spawn_jobs(Duration::from_secs(args.tick_secs.max(1)));
+    let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
-        "capsules-server: listening on http://{addr} (backend {}, accelerator {})",
+        "capsules-server: listening on {scheme}://{addr} (backend {}, accelerator {})",
         info.name, info.accelerator
     );
+    if let Some(acceptor) = tls {
+        let listener = capsules_server::tls::TlsListener::new(listener, acceptor)
+            .map_err(|e| Error::internal("could not start the TLS listener").with_source(e))?;
+        return axum::serve(listener, capsules_server::app(capsules))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(|e| Error::internal("the server stopped").with_source(e));
+    }
     // Streamed responses (exec output) go out at once instead of waiting on delayed ACKs.
     use axum::serve::ListenerExt;
     let listener = listener.tap_io(|tcp| {
