@@ -87,7 +87,7 @@ async fn every_money_field_in_answers_is_integer_micro_credits() {
         &owner,
         "POST",
         "/v1/tokens",
-        Some(json!({"scopes": ["agent:write"], "max_credit_limit": "1.50"})),
+        Some(json!({"scopes": ["agent:write"], "prefix": "m-", "max_credit_limit": "1.50"})),
     )
     .await;
     assert_eq!(tok["token"]["max_credit_limit"], 1_500_000, "{tok}");
