@@ -428,6 +428,8 @@ async fn body(env: &mut Env) -> R {
     eprintln!("  phase 1 ok: {run_minutes_before} -> {run_minutes} minutes for agent-run");
 
     // ---- phase 2: kill -9 mid-create and mid-sleep
+    // The host has room for two 1-vCPU capsules: agent-sleep goes back to sleep first.
+    env.run_cli(&agent, &["sleep", "agent-sleep"]).await?;
     let before = env.ledger(&owner).await?;
     let mut create = env.cli(&agent);
     create
@@ -435,13 +437,32 @@ async fn body(env: &mut Env) -> R {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut create = create.spawn().map_err(|e| e.to_string())?;
+    // Until the record exists (the create is in the backend call, booting the VM), then a bit.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = env.get(&agent, "/v1/capsules?include_terminated=true").await?;
+        let creating = v["capsules"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|r| r["name"] == "agent-mid" && r["state"] == "creating"));
+        if creating {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "agent-mid never showed as creating: {v}");
+        ensure!(
+            create.try_wait().map_err(|e| e.to_string())?.is_none(),
+            "the create of agent-mid ended before it was seen creating"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A sleep takes about half a second here (snapshot of 1 GiB): kill while it writes.
     let mut sleep = env.cli(&agent);
     sleep
         .args(["sleep", "agent-run"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut sleep = sleep.spawn().map_err(|e| e.to_string())?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let create_in_flight = create.try_wait().map_err(|e| e.to_string())?.is_none();
     let sleep_in_flight = sleep.try_wait().map_err(|e| e.to_string())?.is_none();
     env.kill9()?;
@@ -450,7 +471,7 @@ async fn body(env: &mut Env) -> R {
     eprintln!("  killed again (create in flight: {create_in_flight}, sleep in flight: {sleep_in_flight})");
     ensure!(
         create_in_flight,
-        "the create of agent-mid finished within 1.5 s: not a mid-create kill"
+        "the create of agent-mid finished before the kill: not a mid-create kill"
     );
     env.start(5).await?;
     let l = env.list(&agent).await?;
