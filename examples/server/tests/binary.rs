@@ -54,8 +54,10 @@ async fn bootstrap_json_and_serving_on_the_mock() {
 }
 
 /// Starts the server on the mock with `extra` flags; (child, bootstrap.json) once it is written.
+/// The caller kills and waits for the child.
+#[allow(clippy::zombie_processes)]
 async fn start_mock(state: &std::path::Path, extra: &[&std::ffi::OsStr]) -> (std::process::Child, serde_json::Value) {
-    let child = Command::new(env!("CARGO_BIN_EXE_capsules-server"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsules-server"))
         .args([
             "--backend",
             "mock",
@@ -80,7 +82,11 @@ async fn start_mock(state: &std::path::Path, extra: &[&std::ffi::OsStr]) -> (std
         {
             return (child, v);
         }
-        assert!(Instant::now() < deadline, "no bootstrap.json within 20 s");
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no bootstrap.json within 20 s");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
