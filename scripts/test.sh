@@ -48,6 +48,7 @@ vm_target capsules-backend-chv real_ch
 vm_target capsules-backend-chv contract_chv
 vm_target capsules-server vm_console
 vm_target capsules-server console_vm
+vm_target capsules-server kill9_qemu
 # The MCP server against a real capsule: it runs the capsules-server binary.
 cargo build -q -p capsules-server --all-features
 vm_target capsules-mcp mcp_real

@@ -686,6 +686,25 @@ impl Inner {
             if same {
                 continue;
             }
+            // A create or wake the host died in the middle of never started: refund it like a
+            // failed one (a create whose VM is gone ends terminated, a wake whose snapshot is
+            // intact goes back to sleep), instead of charging minutes that did not run.
+            let interrupted = match (rec.state, &observed) {
+                (CapsuleState::Creating, Observed::Failed(_) | Observed::Gone) => {
+                    Some((CapsuleState::Terminated, "create_interrupted"))
+                }
+                (CapsuleState::Waking, Observed::Sleeping) => Some((CapsuleState::Sleeping, "wake_interrupted")),
+                _ => None,
+            };
+            if let Some((to, reason)) = interrupted {
+                if to == CapsuleState::Terminated
+                    && let Err(e) = self.backend.terminate(&rec.id).await
+                {
+                    tracing::warn!(capsule = %rec.id, error = %e, "could not clean up an interrupted create");
+                }
+                changed.push(self.store.abort_start(&rec.id, to, reason, self.now()).await?);
+                continue;
+            }
             let m = self.store.reconcile(&rec.id, observed, self.now(), &self.rates).await?;
             let r = if m.stopped.is_some() {
                 let why = m.record.state_reason.clone();

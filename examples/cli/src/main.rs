@@ -9,6 +9,7 @@
 mod console;
 mod cp;
 mod logs;
+mod progress;
 mod show;
 
 use std::io::{IsTerminal, Write};
@@ -251,7 +252,10 @@ async fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let api = match Capsules::new(&cli.api) {
         Ok(a) => a,
         Err(e) => return fail(&e, None),
@@ -268,8 +272,8 @@ async fn main() -> ExitCode {
 }
 
 /// One line `error: <message>`, a hint where one helps, exit code 125 (1 for usage-level ones).
+/// With `--json` the error is one JSON object on stderr: `{"error": {"kind", "message", "hint"?}}`.
 fn fail(e: &Error, ctx: Option<&Ctx>) -> ExitCode {
-    eprintln!("error: {e}");
     let hint = match e.kind() {
         ErrorKind::Unauthenticated => Some("hint: check CAPSULE_TOKEN; a revoked or expired token is refused"),
         ErrorKind::Unavailable if e.message().contains("unreachable") => {
@@ -278,13 +282,65 @@ fn fail(e: &Error, ctx: Option<&Ctx>) -> ExitCode {
         ErrorKind::InsufficientCredits => Some("hint: the team's operator can grant credits"),
         _ => None,
     };
+    if ctx.is_some_and(|c| c.json) {
+        json_error(
+            &e.kind().to_string(),
+            &e.to_string(),
+            hint.map(|h| h.trim_start_matches("hint: ")),
+        );
+        return ExitCode::from(1);
+    }
+    eprintln!("error: {e}");
     if let Some(h) = hint {
         eprintln!("{h}");
     }
-    if ctx.is_some_and(|c| c.json) {
-        let _ = std::io::stderr().flush();
-    }
     ExitCode::from(1)
+}
+
+/// One JSON error object on stderr (the `--json` form of `error: ...`).
+fn json_error(kind: &str, message: &str, hint: Option<&str>) {
+    let mut detail = serde_json::json!({ "kind": kind, "message": message });
+    if let Some(h) = hint {
+        detail["hint"] = h.into();
+    }
+    let mut err = std::io::stderr();
+    let _ = writeln!(err, "{}", serde_json::json!({ "error": detail }));
+    let _ = err.flush();
+}
+
+/// Parses the command line; with `--json` a usage error is a JSON error on stderr (exit 2).
+fn parse_cli() -> std::result::Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            use clap::error::ErrorKind as K;
+            let json = std::env::args_os()
+                .skip(1)
+                .take_while(|a| a != "--")
+                .any(|a| a == "--json");
+            if !json
+                || matches!(
+                    e.kind(),
+                    K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand
+                )
+            {
+                e.exit();
+            }
+            let text = e.render().to_string();
+            let message = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ")
+                .to_owned();
+            json_error(
+                "invalid_input",
+                &message,
+                Some("run capsule --help for the commands and their options"),
+            );
+            Err(ExitCode::from(2))
+        }
+    }
 }
 
 async fn run(ctx: &Ctx, cmd: Cmd) -> Result<ExitCode> {
@@ -301,6 +357,10 @@ async fn run(ctx: &Ctx, cmd: Cmd) -> Result<ExitCode> {
             idle_timeout,
             max_runtime,
         } => {
+            let spinner = progress::Spinner::start(
+                progress::wanted(ctx.json),
+                format!("creating {name}: booting the capsule (a first image build can take minutes)"),
+            );
             let mut b = ctx.client()?.create(name);
             if let Some(v) = size {
                 b = b.size(v);
@@ -331,6 +391,7 @@ async fn run(ctx: &Ctx, cmd: Cmd) -> Result<ExitCode> {
                 Some(r) => r.clone(),
                 None => h.status().await?,
             };
+            drop(spinner);
             if ctx.json {
                 ctx.print_json(&rec);
             } else {
@@ -565,7 +626,14 @@ async fn lifecycle(
     done: &str,
     f: impl FnOnce(capsules_client::CapsuleHandle) -> Fut,
 ) -> Result<()> {
-    let rec = f(ctx.client()?.capsule(name)?).await?;
+    // Waking and restarting boot or restore a VM: show that something is happening.
+    let spinner = matches!(done, "awake" | "restarted").then(|| {
+        let doing = if done == "awake" { "waking" } else { "restarting" };
+        progress::Spinner::start(progress::wanted(ctx.json), format!("{doing} {name}"))
+    });
+    let rec = f(ctx.client()?.capsule(name)?).await;
+    drop(spinner);
+    let rec = rec?;
     if ctx.json {
         ctx.print_json(&rec);
     } else {
@@ -709,7 +777,11 @@ async fn exec(
                     }));
                 }
                 if st.timed_out {
-                    eprintln!("error: the command timed out and was killed");
+                    if ctx.json {
+                        json_error("timed_out", "the command timed out and was killed", None);
+                    } else {
+                        eprintln!("error: the command timed out and was killed");
+                    }
                     return Ok(ExitCode::from(EXIT_TIMEOUT));
                 }
                 if st.stdout_dropped + st.stderr_dropped > 0 && !ctx.json {
@@ -731,6 +803,9 @@ async fn exec(
             }
         }
     }
-    eprintln!("error: the command's output ended without an exit status");
+    fail(
+        &Error::unavailable("the command's output ended without an exit status"),
+        Some(ctx),
+    );
     Ok(ExitCode::from(EXIT_ERROR))
 }

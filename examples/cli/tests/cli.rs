@@ -384,3 +384,125 @@ async fn url_exposes_prints_and_mints_a_browser_link() {
     );
     assert!(raw_get(&s.url, &host, "/").await.starts_with("HTTP/1.1 404"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_errors_are_json_on_stderr() {
+    let s = server(MockBackend::new()).await;
+    let cases: [(&[&str], &str, i32); 4] = [
+        (&["--json", "status", "nope-1"], "not_found", 1),
+        (&["--json", "create", "Bad_Name"], "invalid_input", 1),
+        (&["--json", "create", "ok-1", "--size", "64x1tb"], "invalid_input", 1),
+        (&["--json", "no-such-command"], "invalid_input", 2),
+    ];
+    for (args, kind, code) in cases {
+        let o = capsule(&s, &s.owner, args, None).await;
+        assert_eq!(o.code, code, "{args:?}: {}", o.stderr);
+        assert!(o.stdout.is_empty(), "{args:?} printed on stdout: {}", o.stdout);
+        let v: serde_json::Value = serde_json::from_str(o.stderr.trim())
+            .unwrap_or_else(|e| panic!("{args:?}: stderr is not JSON ({e}): {}", o.stderr));
+        assert_eq!(v["error"]["kind"], kind, "{args:?}: {v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+    // A refused token: JSON with the hint.
+    let o = capsule(&s, "cap_bogus_0000000000000000000000", &["--json", "list"], None).await;
+    let v: serde_json::Value = serde_json::from_str(o.stderr.trim()).unwrap_or_else(|_| panic!("{}", o.stderr));
+    assert_eq!(v["error"]["kind"], "unauthenticated", "{v}");
+    // Without --json the error stays one plain line.
+    let o = capsule(&s, &s.owner, &["status", "nope-1"], None).await;
+    assert!(o.stderr.starts_with("error: "), "{}", o.stderr);
+}
+
+/// Runs `capsule ARGS` with stderr on a pseudo-terminal (stdout a pipe): (exit, stdout, what the
+/// terminal showed).
+fn capsule_on_tty(s: &Server, args: &[&str]) -> (i32, String, String) {
+    use std::io::Read;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .env("CAPSULE_API", &s.url)
+        .env("CAPSULE_TOKEN", &s.owner)
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(pty.slave))
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the last holder of the terminal (the child) is gone.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        reader.join().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_on_a_terminal_only_and_never_on_stdout() {
+    use capsules_backend_mock::Op;
+    let mock = MockBackend::new();
+    let s = server(mock.clone()).await;
+    // A create and a wake that take a while, as on a real backend.
+    mock.delay_next(Op::Create, 3, std::time::Duration::from_millis(1500));
+    mock.delay_next(Op::Wake, 1, std::time::Duration::from_millis(1500));
+    let s2 = Server {
+        url: s.url.clone(),
+        owner: s.owner.clone(),
+        operator: s.operator.clone(),
+    };
+    let (code, stdout, tty) = tokio::task::spawn_blocking(move || capsule_on_tty(&s2, &["create", "tty-1"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{tty}");
+    assert!(
+        tty.contains("creating tty-1"),
+        "no progress line on the terminal: {tty:?}"
+    );
+    assert!(tty.ends_with("\r\x1b[2K"), "the progress line was not erased: {tty:?}");
+    assert!(stdout.starts_with("created capsule tty-1 "), "{stdout:?}");
+    assert!(!stdout.contains("creating"), "progress on stdout: {stdout:?}");
+
+    // --json: no progress even on a terminal; stdout is the JSON record alone.
+    let s3 = Server {
+        url: s.url.clone(),
+        owner: s.owner.clone(),
+        operator: s.operator.clone(),
+    };
+    let (code, stdout, tty) = tokio::task::spawn_blocking(move || capsule_on_tty(&s3, &["--json", "create", "tty-2"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{tty}");
+    assert!(tty.is_empty(), "--json drew on the terminal: {tty:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["name"], "tty-2");
+
+    // Not a terminal: nothing on stderr.
+    let o = capsule(&s, &s.owner, &["create", "tty-3"], None).await;
+    ok(&o, "create tty-3");
+    assert!(o.stderr.is_empty(), "stderr is not a terminal, yet: {:?}", o.stderr);
+
+    // Wake shows one too.
+    ok(&capsule(&s, &s.owner, &["sleep", "tty-1"], None).await, "sleep");
+    let s4 = Server {
+        url: s.url.clone(),
+        owner: s.owner.clone(),
+        operator: s.operator.clone(),
+    };
+    let (code, stdout, tty) = tokio::task::spawn_blocking(move || capsule_on_tty(&s4, &["wake", "tty-1"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{tty}");
+    assert!(tty.contains("waking tty-1"), "{tty:?}");
+    assert!(stdout.contains("tty-1"), "{stdout:?}");
+}

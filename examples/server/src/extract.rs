@@ -56,9 +56,33 @@ pub struct ApiJson<T>(pub T);
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        check_json_type(req.headers())?;
         let bytes = read_body(req.into_body(), JSON_LIMIT).await?;
         parse_json(&bytes).map(ApiJson)
     }
+}
+
+/// A JSON body's `Content-Type` must be `application/json` (or `application/*+json`) when it is
+/// sent; a body without one is read as JSON. Anything else is 415.
+pub fn check_json_type(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let Some(v) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let text = v.to_str().unwrap_or("");
+    let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let json = essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"));
+    if json {
+        return Ok(());
+    }
+    Err(ApiError::invalid(format!(
+        "this call takes a JSON body: send Content-Type: application/json (got {:?})",
+        if text.is_empty() {
+            "a header that is not text"
+        } else {
+            text
+        }
+    ))
+    .with_status(axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE))
 }
 
 /// Parses a JSON request value with a message that names what was wrong.

@@ -390,7 +390,10 @@ pub(crate) async fn exec(
                 .map_err(|e| ApiError::invalid(format!("the Capsule-Exec header: {}", e.error.message())))?;
             (spec, Some(read_body(body, STDIN_LIMIT).await?))
         }
-        None => (parse_json(&read_body(body, crate::extract::JSON_LIMIT).await?)?, None),
+        None => {
+            crate::extract::check_json_type(&headers)?;
+            (parse_json(&read_body(body, crate::extract::JSON_LIMIT).await?)?, None)
+        }
     };
     let req = exec_request(spec)?;
     let mut b = h.exec(req.argv);
@@ -708,11 +711,27 @@ pub(crate) async fn grant(
     Ok((StatusCode::CREATED, Json(e)).into_response())
 }
 
+/// `PUT /v1/teams/{team}/caps`: [`TeamCaps`], with unknown fields refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CapsBody {
+    max_running: u32,
+    max_vcpus: u32,
+    max_size: Size,
+    max_storage_gib: u32,
+}
+
 pub(crate) async fn set_caps(
     State(st): State<AppState>,
     bearer: Bearer,
     ApiPath(team): ApiPath<String>,
-    ApiJson(caps): ApiJson<TeamCaps>,
+    ApiJson(b): ApiJson<CapsBody>,
 ) -> Res<Response> {
+    let caps = TeamCaps {
+        max_running: b.max_running,
+        max_vcpus: b.max_vcpus,
+        max_size: b.max_size,
+        max_storage_gib: b.max_storage_gib,
+    };
     Ok(Json(st.capsules.operator(&bearer.0).set_caps(&team, caps).await?).into_response())
 }

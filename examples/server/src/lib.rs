@@ -59,6 +59,7 @@ pub mod extract;
 mod handlers;
 mod ndjson;
 mod proxy;
+pub mod tls;
 mod view;
 pub mod webconsole;
 

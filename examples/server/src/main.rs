@@ -62,6 +62,13 @@ struct Args {
     /// How long a preview request waits for the capsule's port to accept (waking it included).
     #[arg(long, default_value_t = 30)]
     preview_hold_secs: u64,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key; both or neither). Without
+    /// them the server speaks plain HTTP.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, RSA or EC).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -174,6 +181,11 @@ fn write_bootstrap(state_dir: &Path, doc: &serde_json::Value) -> std::io::Result
 }
 
 async fn run(args: Args) -> Result<()> {
+    // TLS files are checked before anything starts, so a bad path fails at once.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(capsules_server::tls::load(cert, key)?),
+        _ => None,
+    };
     let kind = match args.backend {
         Some(k) => k,
         None if on_path("qemu-system-x86_64") && cfg!(feature = "qemu") => BackendKind::Qemu,
@@ -223,7 +235,7 @@ async fn run(args: Args) -> Result<()> {
                 .balance(&args.team)
                 .await?;
             let doc = serde_json::json!({
-                "api": format!("http://{addr}"),
+                "api": format!("{}://{addr}", if args.tls_cert.is_some() { "https" } else { "http" }),
                 "backend": format!("{kind:?}").to_lowercase(),
                 "team": boot.team.name.as_str(),
                 "team_id": boot.team.id.as_str(),
@@ -259,9 +271,10 @@ async fn run(args: Args) -> Result<()> {
         Err(e) => return Err(e),
     }
     let _jobs = capsules.spawn_jobs(Duration::from_secs(args.tick_secs.max(1)));
+    let scheme = if tls.is_some() { "https" } else { "http" };
     println!(
-        "capsules-server: listening on http://{addr} (backend {}, accelerator {}); public URLs at \
-         http://<label>.{}:{}/",
+        "capsules-server: listening on {scheme}://{addr} (backend {}, accelerator {}); public URLs at \
+         {scheme}://<label>.{}:{}/",
         info.name,
         info.accelerator,
         config.preview_domain(),
@@ -271,13 +284,22 @@ async fn run(args: Args) -> Result<()> {
         .console_dir
         .unwrap_or_else(capsules_server::webconsole::default_dir);
     if capsules_server::webconsole::is_built(&console_dir) {
-        println!("capsules-server: web console at http://{addr}/console/ (sign in with a token)");
+        println!("capsules-server: web console at {scheme}://{addr}/console/ (sign in with a token)");
     } else {
         println!(
             "capsules-server: the web console is not built (no {}); build it with `{}`",
             console_dir.join("index.html").display(),
             capsules_server::webconsole::BUILD_COMMAND
         );
+    }
+    let config = config.with_console_dir(console_dir).with_tls(tls.is_some());
+    if let Some(acceptor) = tls {
+        let listener = capsules_server::tls::TlsListener::new(listener, acceptor)
+            .map_err(|e| Error::internal("could not start the TLS listener").with_source(e))?;
+        return axum::serve(listener, capsules_server::app_with(capsules, config))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .map_err(|e| Error::internal("the server stopped").with_source(e));
     }
     // Streamed responses (exec output) go out at once instead of waiting on delayed ACKs.
     use axum::serve::ListenerExt;
@@ -286,7 +308,6 @@ async fn run(args: Args) -> Result<()> {
             tracing::warn!("could not set TCP_NODELAY: {e}");
         }
     });
-    let config = config.with_console_dir(console_dir);
     axum::serve(listener, capsules_server::app_with(capsules, config))
         .with_graceful_shutdown(shutdown_signal())
         .await
