@@ -183,6 +183,8 @@ pub(crate) async fn console(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // What the request names comes first: a bad capsule name is a 400 naming it, WebSocket or not.
+    c.parse::<capsules_core::types::CapsuleRef>()?;
     let cols = side("cols", q.cols.as_deref(), DEFAULT_COLS)?;
     let rows = side("rows", q.rows.as_deref(), DEFAULT_ROWS)?;
     let ws = ws.map_err(|r| {

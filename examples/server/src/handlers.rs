@@ -638,13 +638,16 @@ pub(crate) async fn preview_token(
     State(st): State<AppState>,
     bearer: Bearer,
     ApiPath(c): ApiPath<String>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Res<Response> {
     let h = handle(&st, &bearer, &c)?;
     let bytes = read_body(body, crate::extract::JSON_LIMIT).await?;
+    // The body is optional; one that is sent is JSON like every other body.
     let req: PreviewTokenRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         PreviewTokenRequest::default()
     } else {
+        crate::extract::check_json_type(&headers)?;
         parse_json(&bytes)?
     };
     let ttl = req.ttl_secs.unwrap_or(PREVIEW_TTL_DEFAULT);
