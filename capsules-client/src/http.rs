@@ -22,6 +22,9 @@ impl Http {
             )));
         }
         let client = reqwest::Client::builder()
+            // A server that is down fails fast; answers themselves may take long (a first boot).
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .tcp_keepalive(std::time::Duration::from_secs(30))
             .build()
             .map_err(|e| Error::internal("could not build the HTTP client").with_source(e))?;
         Ok(Http { client, base })

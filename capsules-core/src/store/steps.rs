@@ -463,6 +463,12 @@ pub fn update_capsule(
     let mut rec = t.get(id)?;
     state::refusal(rec.state, Operation::Update, rec.name.as_str())?;
     if let Some(c) = patch.credit_limit {
+        if c < rec.meter.spent {
+            return Err(Error::invalid_input(format!(
+                "capsule {} has already spent {}; its credit limit can be lowered to {} at the least, not {c}",
+                rec.name, rec.meter.spent, rec.meter.spent
+            )));
+        }
         rec.limits.credit_limit = c;
     }
     if let Some(i) = patch.idle_timeout_ms {

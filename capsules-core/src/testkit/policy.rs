@@ -1005,6 +1005,18 @@ pub async fn limits_after_create_and_max_runtime(f: &dyn ServiceFactory) {
     );
     let r = cap.update().credit_limit("0.50").await.unwrap();
     assert_eq!(r.limits.credit_limit, MicroCredits::from_micros(500_000));
+    // Below what it has already spent: refused, naming the least allowed; nothing changes.
+    let spent = cap.status().await.unwrap().meter.spent;
+    assert!(spent > MicroCredits::ZERO);
+    assert_kind(
+        cap.update().credit_limit("0").await,
+        ErrorKind::InvalidInput,
+        "already spent",
+    );
+    assert_eq!(
+        cap.status().await.unwrap().limits.credit_limit,
+        MicroCredits::from_micros(500_000)
+    );
     assert_kind(
         cap.update().idle_timeout(Duration::from_secs(1)).await,
         ErrorKind::InvalidInput,

@@ -175,7 +175,8 @@ pub enum CapsuleRef {
 
 impl CapsuleRef {
     pub fn parse(s: &str) -> Result<Self> {
-        if s.contains('_') {
+        // Ids start with `cap_`; anything else is a name (and gets the name rules when it is not one).
+        if s.starts_with("cap_") {
             CapsuleId::parse(s).map(Self::Id)
         } else {
             CapsuleName::new(s).map(Self::Name)

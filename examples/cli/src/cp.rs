@@ -21,10 +21,20 @@ pub async fn run(client: &Client, src: &str, dst: &str) -> Result<String> {
         (Some(_), Some(_)) => Err(Error::invalid_input(
             "copying between capsules is not supported; copy to a local path first",
         )),
-        (None, None) => Err(Error::invalid_input(
-            "one side of cp must be a capsule path like NAME:/workspace",
-        )),
+        (None, None) => Err(match [src, dst].into_iter().find_map(relative_remote) {
+            Some((name, path)) => Error::invalid_input(format!(
+                "the path inside capsule {name} must be absolute: {name}:/{path} (for example \
+                 {name}:/workspace), not {name}:{path}"
+            )),
+            None => Error::invalid_input("one side of cp must be a capsule path like NAME:/workspace"),
+        }),
     }
+}
+
+/// `NAME:path` with a relative (or empty) path: what the user meant as a capsule path.
+fn relative_remote(s: &str) -> Option<(&str, &str)> {
+    let (name, path) = s.split_once(':')?;
+    (!name.is_empty() && !name.contains('/') && !path.starts_with('/')).then_some((name, path))
 }
 
 async fn upload(client: &Client, local: &Path, name: &str, path: &str) -> Result<String> {

@@ -68,8 +68,37 @@ pub async fn run(client: &Client, name: &str, json: bool) -> Result<()> {
     }
     w(&mut out, b"\n== boot log ==\n")?;
     match boot {
+        // The serial log holds the firmware's and kernel's terminal controls (clear screen, no
+        // wrap): on a terminal they are shown, not obeyed.
+        Ok(b) if std::io::IsTerminal::is_terminal(&std::io::stdout()) => w(&mut out, &tame(&b))?,
         Ok(b) => w(&mut out, &b)?,
         Err(m) => w(&mut out, format!("({m})\n").as_bytes())?,
     }
     Ok(())
+}
+
+/// Escape and other control bytes (but newlines and tabs) as `^[`-style text.
+fn tame(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    for &c in b {
+        match c {
+            b'\n' | b'\t' => out.push(c),
+            b'\r' => {}
+            0..=0x1f => out.extend_from_slice(&[b'^', c + 0x40]),
+            0x7f => out.extend_from_slice(b"^?"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn terminal_controls_are_shown_not_obeyed() {
+        assert_eq!(
+            super::tame(b"\x1bc\x1b[2Jboot\r\nok\tdone\x7f"),
+            b"^[c^[[2Jboot\nok\tdone^?"
+        );
+    }
 }

@@ -273,6 +273,10 @@ async fn errors_are_one_line_and_operator_commands_work() {
     let o = capsule(&s, &s.owner, &["cp", "cp-1:/workspace", down.to_str().unwrap()], None).await;
     ok(&o, "cp dir down");
     assert_eq!(std::fs::read_to_string(down.join("hello.txt")).unwrap(), "hi there");
+    // A relative path inside the capsule is named as the mistake, with the fix.
+    let o = capsule(&s, &s.owner, &["cp", f.to_str().unwrap(), "cp-1:workspace/x"], None).await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("must be absolute: cp-1:/workspace/x"), "{}", o.stderr);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -165,6 +165,44 @@ async fn qemu_backend(_: &Path, _: NetworkMode) -> Result<Arc<dyn Backend>> {
 }
 
 /// Writes the bootstrap secrets where only the owner can read them.
+/// Takes `<state-dir>/server.lock` (an advisory lock; it holds the owner's pid for the message).
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
+    let path = state_dir.join("server.lock");
+    let io = |what: &str, e: std::io::Error| {
+        Error::unavailable(format!("could not {what} {}", path.display())).with_source(e)
+    };
+    std::fs::create_dir_all(state_dir).map_err(|e| io("create the directory of", e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io("open", e))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let owner = std::fs::read_to_string(&path).unwrap_or_default();
+            let owner = owner.trim();
+            return Err(Error::conflict(format!(
+                "another capsules-server{} is using the state directory {}; stop it, or give this one \
+                 its own --state-dir",
+                if owner.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {owner})")
+                },
+                state_dir.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", e)),
+    }
+    f.set_len(0).map_err(|e| io("write", e))?;
+    f.write_all(format!("{}\n", std::process::id()).as_bytes())
+        .map_err(|e| io("write", e))?;
+    Ok(f)
+}
+
 fn write_bootstrap(state_dir: &Path, doc: &serde_json::Value) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(state_dir)?;
@@ -206,6 +244,9 @@ async fn run(args: Args) -> Result<()> {
     let config = capsules_server::ServerConfig::default()
         .with_preview_domain(&args.preview_domain)?
         .with_preview_hold(Duration::from_secs(args.preview_hold_secs))?;
+    // One server per state directory: a second one would reconcile the first one's live capsules
+    // as lost. The lock lives as long as the process (the kernel drops it on any exit, kill -9 too).
+    let _lock = lock_state_dir(&args.state_dir)?;
     let backend = make_backend(kind, &args.state_dir, args.network).await?;
     let info = backend.info();
     let builder = Capsules::builder().backend(backend);

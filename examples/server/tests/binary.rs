@@ -216,3 +216,38 @@ fn tls_flags_come_in_pairs_and_bad_files_are_named() {
     let err = refused_start(&["--tls-cert".as_ref(), &cert_p, "--tls-key".as_ref(), &other_p]);
     assert!(err.contains("other.pem") && err.contains("does not fit"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_server_on_the_same_state_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, _) = start_mock(dir.path(), &[]).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_capsules-server"))
+        .args([
+            "--backend",
+            "mock",
+            "--store",
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .env_remove("CAPSULES_BACKEND")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a second server started: {stderr}");
+    assert!(
+        stderr.contains("another capsules-server") && stderr.contains(&format!("pid {}", first.id())),
+        "{stderr}"
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+    // The lock goes with the process, kill -9 included: the next start takes the directory.
+    let (mut again, _) = {
+        std::fs::remove_file(dir.path().join("bootstrap.json")).unwrap();
+        start_mock(dir.path(), &[]).await
+    };
+    let _ = again.kill();
+    let _ = again.wait();
+}
