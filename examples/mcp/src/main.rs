@@ -102,21 +102,8 @@ struct ListFilesArgs {
     path: Option<String>,
 }
 
-#[derive(Debug, Deserialize, schemars::JsonSchema)]
-struct SpawnArgs {
-    /// The capsule's name (or id).
-    name: String,
-    /// The command as an argument vector, e.g. ["npm", "run", "dev"]. Give this or `shell`.
-    argv: Option<Vec<String>>,
-    /// A shell command line, run with `sh -c`. Give this or `argv`.
-    shell: Option<String>,
-    /// The working directory.
-    cwd: Option<String>,
-    /// Extra environment variables.
-    env: Option<BTreeMap<String, String>>,
-    /// Kill the command after this many seconds.
-    timeout_secs: Option<u64>,
-}
+/// A background command takes the same arguments as `exec`.
+type SpawnArgs = ExecArgs;
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct ReadOutputArgs {
