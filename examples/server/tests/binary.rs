@@ -53,23 +53,30 @@ async fn bootstrap_json_and_serving_on_the_mock() {
     }
 }
 
+/// `capsules-server` on the mock backend and the memory store, on a free loopback port, with
+/// `state` as its state directory.
+fn mock_server(state: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_capsules-server"));
+    c.args([
+        "--backend",
+        "mock",
+        "--store",
+        "memory",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+    ])
+    .arg(state)
+    .env_remove("CAPSULES_BACKEND");
+    c
+}
+
 /// Starts the server on the mock with `extra` flags; (child, bootstrap.json) once it is written.
 /// The caller kills and waits for the child.
 #[allow(clippy::zombie_processes)]
 async fn start_mock(state: &std::path::Path, extra: &[&std::ffi::OsStr]) -> (std::process::Child, serde_json::Value) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_capsules-server"))
-        .args([
-            "--backend",
-            "mock",
-            "--store",
-            "memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(state)
+    let mut child = mock_server(state)
         .args(extra)
-        .env_remove("CAPSULES_BACKEND")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -94,21 +101,7 @@ async fn start_mock(state: &std::path::Path, extra: &[&std::ffi::OsStr]) -> (std
 /// Runs the server with `args` and expects it to refuse to start; its stderr.
 fn refused_start(args: &[&std::ffi::OsStr]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_capsules-server"))
-        .args([
-            "--backend",
-            "mock",
-            "--store",
-            "memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(dir.path())
-        .args(args)
-        .env_remove("CAPSULES_BACKEND")
-        .output()
-        .unwrap();
+    let out = mock_server(dir.path()).args(args).output().unwrap();
     assert!(!out.status.success(), "the server started with {args:?}");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -221,20 +214,7 @@ fn tls_flags_come_in_pairs_and_bad_files_are_named() {
 async fn a_second_server_on_the_same_state_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (mut first, _) = start_mock(dir.path(), &[]).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_capsules-server"))
-        .args([
-            "--backend",
-            "mock",
-            "--store",
-            "memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-        ])
-        .arg(dir.path())
-        .env_remove("CAPSULES_BACKEND")
-        .output()
-        .unwrap();
+    let out = mock_server(dir.path()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "a second server started: {stderr}");
     assert!(
