@@ -45,13 +45,7 @@ fn main() {
     let setup = rt.block_on(async {
         // Build (or reuse) the small image first, with progress, so the first case's deadline
         // does not include a cold image build.
-        let assets = AssetBuilder::from_env()
-            .build()
-            .map_err(|e| format!("guest assets: {e}"))?;
-        tokio::task::spawn_blocking(move || assets.ensure(&[BaseImage::Small], Progress::Stderr))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("could not build the guest assets: {e}"))?;
+        capsules_microvm::testing::ensure_assets(&[BaseImage::Small]).await?;
         let vmm = QemuVmm::new(QemuConfig::from_env().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         let net = Network::new(
             NetConfig::from_env()

@@ -996,13 +996,7 @@ fn main() {
         .tempdir()
         .expect("a temp state dir");
     let setup = rt.block_on(async {
-        let assets = AssetBuilder::from_env()
-            .build()
-            .map_err(|e| format!("guest assets: {e}"))?;
-        tokio::task::spawn_blocking(move || assets.ensure(&[BaseImage::Small], Progress::Stderr))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("could not build the guest assets: {e}"))?;
+        capsules_microvm::testing::ensure_assets(&[BaseImage::Small]).await?;
         let vmm = QemuVmm::new(QemuConfig::from_env().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         let net = Arc::new(
             Network::new(

@@ -33,3 +33,18 @@ pub const QEMU_TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("ip", "iproute2"),
 ];
+
+/// Builds (or reuses) the guest assets of `images` from the environment's asset settings, with
+/// progress on stderr, so a test's first deadline never includes a cold image build. The error
+/// says what failed, for the test's "ignored"/failure line.
+pub async fn ensure_assets(images: &[crate::assets::BaseImage]) -> Result<(), String> {
+    let assets = crate::assets::AssetBuilder::from_env()
+        .build()
+        .map_err(|e| format!("guest assets: {e}"))?;
+    let images = images.to_vec();
+    tokio::task::spawn_blocking(move || assets.ensure(&images, crate::assets::Progress::Stderr))
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|_| ())
+        .map_err(|e| format!("could not build the guest assets: {e}"))
+}
