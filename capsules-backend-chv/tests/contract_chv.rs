@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use capsules_backend_chv::ChvBuilder;
 use capsules_core::Backend;
 use capsules_core::testkit::backend::{Runner, SpawnEchoServer, cases};
-use capsules_microvm::assets::{AssetBuilder, BaseImage, Progress};
+use capsules_microvm::assets::BaseImage;
 use capsules_microvm::backend::MicroVmBackend;
 use capsules_microvm::net::{NetConfig, Network};
 use capsules_microvm::testing::{PERL_TCP_ECHO_ARGV, check_prerequisites, on_path};

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use capsules_backend_qemu::{QemuConfig, QemuVmm};
 use capsules_core::Backend;
 use capsules_core::testkit::backend::{Runner, SpawnEchoServer, cases};
-use capsules_microvm::assets::{AssetBuilder, BaseImage, Progress};
+use capsules_microvm::assets::BaseImage;
 use capsules_microvm::backend::MicroVmBackend;
 use capsules_microvm::net::{NetConfig, Network};
 use capsules_microvm::testing::{PERL_TCP_ECHO_ARGV, QEMU_TOOLS, check_prerequisites};

@@ -31,13 +31,13 @@ use capsules_core::backend::{BackendState, CapsuleSpec, ExecRequest};
 use capsules_core::testkit::backend::{spec, time_scale};
 use capsules_core::types::NetworkPolicy;
 use capsules_core::{Backend, BackendExt, CapsuleId};
-use capsules_microvm::assets::{AssetBuilder, BaseImage, Progress};
+use capsules_microvm::assets::BaseImage;
 use capsules_microvm::backend::MicroVmBackend;
 use capsules_microvm::net::{CapsuleNet, NetConfig, Network};
 use capsules_microvm::testing::{QEMU_TOOLS, check_prerequisites};
 use libtest_mimic::{Arguments, Failed, Trial};
 use support::{
-    DnsStub, HttpListener, OK_IP, OTHER_IP, PERL_HELD_CONNECTION, PERL_HTTP_SERVER, PERL_PROBE, Probe, Target,
+    HttpListener, OK_IP, OTHER_IP, PERL_HELD_CONNECTION, PERL_HTTP_SERVER, PERL_PROBE, Probe, Target, dns_stub,
     host_fetch, kill_all_with, links_with_prefix, parse_probe, pids_with, sh,
 };
 
@@ -104,7 +104,7 @@ struct Pair {
 struct World {
     backend: Mutex<Option<B>>,
     net: Mutex<Option<Arc<Network>>>,
-    stub: DnsStub,
+    stub: support::DnsStub,
     scale: u32,
     pair: tokio::sync::Mutex<Option<Pair>>,
     made: Mutex<Vec<CapsuleId>>,
@@ -589,7 +589,7 @@ fn setup(rt: &tokio::runtime::Runtime, state: &std::path::Path) -> Result<World,
     targets.push(Target::new("vtpub", PUBLIC_HOST, PUBLIC, &[], PORT)?);
     targets.push(Target::new("vtweb", WEB_HOST, OK_IP, &[OTHER_IP], PORT)?);
     let api = HttpListener::start(None, API_PORT)?;
-    let stub = DnsStub::start()?;
+    let stub = dns_stub()?;
     let (backend, net) = rt.block_on(async {
         capsules_microvm::testing::ensure_assets(&[BaseImage::Small]).await?;
         let vmm = QemuVmm::new(QemuConfig::from_env().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;

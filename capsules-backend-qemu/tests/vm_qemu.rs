@@ -30,7 +30,7 @@ use capsules_core::backend::{BackendState, CapsuleSpec, ExecEvent, ExecOutput, E
 use capsules_core::testkit::backend::{spec, time_scale};
 use capsules_core::types::{Cidr, NetworkPolicy};
 use capsules_core::{Backend, BackendExt, CapsuleId, ErrorKind};
-use capsules_microvm::assets::{AssetBuilder, BaseImage, Progress};
+use capsules_microvm::assets::BaseImage;
 use capsules_microvm::backend::{Capacity, MicroVmBackend};
 use capsules_microvm::net::{NetConfig, Network};
 use futures::StreamExt;
@@ -38,7 +38,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use nix::sched::{CloneFlags, unshare};
 use sha2::{Digest, Sha256};
 use support::{
-    DnsStub, OK_IP, PERL_PROBE, Probe, Target, kill_all_with, links_with_prefix, parse_probe, pids_with, sh,
+    OK_IP, PERL_PROBE, Probe, Target, dns_stub, kill_all_with, links_with_prefix, parse_probe, pids_with, sh,
 };
 
 type B = MicroVmBackend<QemuVmm>;
@@ -584,7 +584,7 @@ fn recovery_after_host_kill() -> R {
         .tempdir()
         .map_err(|e| e.to_string())?;
     let state: PathBuf = dir.path().to_owned();
-    let stub = DnsStub::start()?;
+    let stub = dns_stub()?;
     let _target = Target::new("vtrec0", Ipv4Addr::new(203, 0, 113, 1), REC_TARGET, &[], 8080)?;
     let mut ids: Vec<CapsuleId> = Vec::new();
     let r = recovery_body(&state, stub.addr, &mut ids);
@@ -963,7 +963,8 @@ const CASES: [(&str, CaseFn, u64); 6] = [
 ];
 /// Cases with backends of their own (own state directory, capacity or network), each with the
 /// hard timeout of the whole target (`scripts/test.sh`) and its own drop guards.
-const OWN: [(&str, fn() -> R); 3] = [
+type OwnCase = (&'static str, fn() -> R);
+const OWN: [OwnCase; 3] = [
     ("capacity_two_then_unavailable", capacity_two_then_unavailable),
     ("snapshot_disk_too_small_is_unavailable", snapshot_disk_too_small),
     ("recovery_after_kill_9_of_the_host_process", recovery_after_host_kill),
@@ -990,7 +991,7 @@ fn main() {
 
     let rt = Arc::new(tokio::runtime::Runtime::new().expect("a tokio runtime"));
     // The forwarders' upstream is a stub in this namespace, never the machine's resolver.
-    let stub = DnsStub::start().expect("the DNS stub");
+    let stub = dns_stub().expect("the DNS stub");
     let state = tempfile::Builder::new()
         .prefix("capsules-vm-qemu-")
         .tempdir()

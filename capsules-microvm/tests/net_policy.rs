@@ -17,12 +17,13 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use capsules_core::types::NetworkPolicy;
 use capsules_microvm::net::{CapsuleNet, HostLink, NetConfig, Network, STATE_FILE, dns};
+use capsules_microvm::testing::DnsStub;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use nix::sched::{CloneFlags, setns, unshare};
 
@@ -183,113 +184,10 @@ fn serve_echo(c: TcpStream, stop: Arc<AtomicBool>) {
     }
 }
 
-/// The forwarders' upstream: answers `ok.test` → 198.51.100.7, `other.test` → 198.51.100.8 (TTL
-/// 300), AAAA/others with no records, unknown names NXDOMAIN. UDP and TCP on the same port of
-/// 127.0.0.1 in the test's host namespace.
-struct DnsStub {
-    addr: SocketAddr,
-    queries: Arc<AtomicUsize>,
-    _stop: Stopper,
-}
-
 const OK_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const OTHER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
-
-fn stub_answer(q: &[u8]) -> Option<Vec<u8>> {
-    let (_, question) = dns::parse_query(q).ok()?;
-    // Question ends at 12 + encoded name + 4.
-    let mut name_wire = Vec::new();
-    dns::encode_name(&mut name_wire, &question.name)?;
-    let qend = 12 + name_wire.len() + 4;
-    let mut out = q.get(..qend)?.to_vec();
-    out[2] = 0x81; // QR, RD
-    out[3] = 0x80; // RA, NOERROR
-    out[4..6].copy_from_slice(&[0, 1]);
-    out[8..12].copy_from_slice(&[0, 0, 0, 0]);
-    let ip = match question.name.as_str() {
-        "ok.test" | "www.ok.test" => Some(OK_IP),
-        "other.test" => Some(OTHER_IP),
-        _ => {
-            out[3] = 0x83; // NXDOMAIN
-            None
-        }
-    };
-    if let Some(ip) = ip
-        && question.qtype == 1
-    {
-        out[6..8].copy_from_slice(&[0, 1]);
-        out.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
-        out.extend_from_slice(&300u32.to_be_bytes());
-        out.extend_from_slice(&[0, 4]);
-        out.extend_from_slice(&ip.octets());
-    } else {
-        out[6..8].copy_from_slice(&[0, 0]);
-    }
-    Some(out)
-}
-
-impl DnsStub {
-    fn start() -> DnsStub {
-        let stop = Arc::new(AtomicBool::new(false));
-        let queries = Arc::new(AtomicUsize::new(0));
-        let (tcp, udp) = loop {
-            let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = tcp.local_addr().unwrap().port();
-            if let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) {
-                break (tcp, udp);
-            }
-        };
-        let addr = udp.local_addr().unwrap();
-        udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        tcp.set_nonblocking(true).unwrap();
-        let (s1, q1) = (stop.clone(), queries.clone());
-        let t1 = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while !s1.load(Ordering::SeqCst) {
-                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
-                    q1.fetch_add(1, Ordering::SeqCst);
-                    if let Some(a) = stub_answer(&buf[..n]) {
-                        let _ = udp.send_to(&a, peer);
-                    }
-                }
-            }
-        });
-        let (s2, q2) = (stop.clone(), queries.clone());
-        let t2 = std::thread::spawn(move || {
-            while !s2.load(Ordering::SeqCst) {
-                match tcp.accept() {
-                    Ok((mut c, _)) => {
-                        c.set_nonblocking(false).ok();
-                        c.set_read_timeout(Some(Duration::from_secs(2))).ok();
-                        let mut len = [0u8; 2];
-                        if c.read_exact(&mut len).is_err() {
-                            continue;
-                        }
-                        let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
-                        if c.read_exact(&mut q).is_err() {
-                            continue;
-                        }
-                        q2.fetch_add(1, Ordering::SeqCst);
-                        if let Some(a) = stub_answer(&q) {
-                            let mut out = (a.len() as u16).to_be_bytes().to_vec();
-                            out.extend_from_slice(&a);
-                            let _ = c.write_all(&out);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        DnsStub {
-            addr,
-            queries,
-            _stop: Stopper {
-                stop,
-                threads: vec![t1, t2],
-            },
-        }
-    }
-}
+/// What the forwarders' upstream (a [`DnsStub`]) answers.
+const STUB_ANSWERS: &[(&str, Ipv4Addr)] = &[("ok.test", OK_IP), ("www.ok.test", OK_IP), ("other.test", OTHER_IP)];
 
 // ---------------------------------------------------------------------------------------------
 // The world of one test
@@ -354,7 +252,7 @@ impl World {
             // A listener on the host itself (all addresses, incl. every tap's host side).
             tcp_server(None, 2222),
         ];
-        let dns = DnsStub::start();
+        let dns = DnsStub::start(STUB_ANSWERS).expect("the DNS stub");
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -1003,7 +901,7 @@ fn forwarding_guard_keeps_other_interfaces_unforwarded() -> R {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let dns = DnsStub::start();
+    let dns = DnsStub::start(STUB_ANSWERS).expect("the DNS stub");
     let cfg = NetConfig::default().with_dns_upstreams(vec![dns.addr]);
     let net = rt.block_on(Network::new(cfg.clone()))?;
     ensure(fwd() == "1" && net.forwarding_guard(), "forwarding on, with the guard")?;

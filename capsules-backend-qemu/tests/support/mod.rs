@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::process::Command;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use capsules_microvm::net::dns;
+pub use capsules_microvm::testing::DnsStub;
 use nix::sched::{CloneFlags, setns, unshare};
 
 /// Runs a command in the calling thread's namespace; its stdout, or why it failed.
@@ -290,120 +290,14 @@ pub fn host_fetch(addr: &str) -> Result<String, String> {
 
 /// The forwarders' upstream: answers `A ok.test` with [`OK_IP`] and `A other.test` with
 /// [`OTHER_IP`] (TTL 300), other types of those names with no records, every other name NXDOMAIN.
-/// UDP and TCP on one port of 127.0.0.1 of the test's namespace. Counts the queries it got.
-pub struct DnsStub {
-    pub addr: SocketAddr,
-    pub queries: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
 /// What the stub answers for `ok.test` (an address of a target namespace outside the blocked ranges).
 pub const OK_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 /// What the stub answers for `other.test` (another address of the same namespace).
 pub const OTHER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
 
-fn stub_answer(q: &[u8]) -> Option<Vec<u8>> {
-    let (_, question) = dns::parse_query(q).ok()?;
-    let mut name_wire = Vec::new();
-    dns::encode_name(&mut name_wire, &question.name)?;
-    let qend = 12 + name_wire.len() + 4;
-    let mut out = q.get(..qend)?.to_vec();
-    out[2] = 0x81; // QR, RD
-    out[3] = 0x80; // RA, NOERROR
-    out[4..6].copy_from_slice(&[0, 1]);
-    out[8..12].copy_from_slice(&[0, 0, 0, 0]);
-    let ip = match question.name.as_str() {
-        "ok.test" => Some(OK_IP),
-        "other.test" => Some(OTHER_IP),
-        _ => {
-            out[3] = 0x83; // NXDOMAIN
-            None
-        }
-    };
-    if let Some(ip) = ip
-        && question.qtype == 1
-    {
-        out[6..8].copy_from_slice(&[0, 1]);
-        out.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
-        out.extend_from_slice(&300u32.to_be_bytes());
-        out.extend_from_slice(&[0, 4]);
-        out.extend_from_slice(&ip.octets());
-    } else {
-        out[6..8].copy_from_slice(&[0, 0]);
-    }
-    Some(out)
-}
-
-impl DnsStub {
-    pub fn start() -> Result<DnsStub, String> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let queries = Arc::new(AtomicUsize::new(0));
-        let (tcp, udp) = loop {
-            let tcp = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-            let port = tcp.local_addr().map_err(|e| e.to_string())?.port();
-            if let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) {
-                break (tcp, udp);
-            }
-        };
-        let addr = udp.local_addr().map_err(|e| e.to_string())?;
-        udp.set_read_timeout(Some(Duration::from_millis(50)))
-            .map_err(|e| e.to_string())?;
-        tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let (s1, q1) = (stop.clone(), queries.clone());
-        let t1 = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while !s1.load(Ordering::SeqCst) {
-                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
-                    q1.fetch_add(1, Ordering::SeqCst);
-                    if let Some(a) = stub_answer(&buf[..n]) {
-                        let _ = udp.send_to(&a, peer);
-                    }
-                }
-            }
-        });
-        let (s2, q2) = (stop.clone(), queries.clone());
-        let t2 = std::thread::spawn(move || {
-            while !s2.load(Ordering::SeqCst) {
-                match tcp.accept() {
-                    Ok((mut c, _)) => {
-                        let _ = c.set_nonblocking(false);
-                        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-                        let mut len = [0u8; 2];
-                        if c.read_exact(&mut len).is_err() {
-                            continue;
-                        }
-                        let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
-                        if c.read_exact(&mut q).is_err() {
-                            continue;
-                        }
-                        q2.fetch_add(1, Ordering::SeqCst);
-                        if let Some(a) = stub_answer(&q) {
-                            let mut out = (a.len() as u16).to_be_bytes().to_vec();
-                            out.extend_from_slice(&a);
-                            let _ = c.write_all(&out);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        Ok(DnsStub {
-            addr,
-            queries,
-            stop,
-            threads: vec![t1, t2],
-        })
-    }
-}
-
-impl Drop for DnsStub {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+/// The forwarders' upstream in these tests: `ok.test` and `other.test`, everything else NXDOMAIN.
+pub fn dns_stub() -> Result<DnsStub, String> {
+    DnsStub::start(&[("ok.test", OK_IP), ("other.test", OTHER_IP)])
 }
 
 /// A guest-side probe (perl-base only): for each `host:port` argument, connects (3 s timeout,

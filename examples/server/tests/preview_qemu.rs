@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use capsules_backend_qemu::{QemuConfig, QemuVmm};
 use capsules_core::backend::ExecRequest;
 use capsules_core::{Backend, Capsules, MemoryStore};
-use capsules_microvm::assets::{AssetBuilder, BaseImage, Progress};
+use capsules_microvm::assets::BaseImage;
 use capsules_microvm::backend::MicroVmBackend;
 use capsules_server::{ServerConfig, app_with};
 use futures::{SinkExt, StreamExt};
@@ -271,10 +271,10 @@ async fn cleanup(ctx: &Ctx) {
         return;
     };
     for rec in c.list().await.unwrap_or_default() {
-        if let Ok(h) = c.capsule(rec.id.as_str()) {
-            if let Err(e) = h.terminate().await {
-                eprintln!("cleanup: terminate {}: {e}", rec.name);
-            }
+        if let Ok(h) = c.capsule(rec.id.as_str())
+            && let Err(e) = h.terminate().await
+        {
+            eprintln!("cleanup: terminate {}: {e}", rec.name);
         }
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use capsules_backend_qemu::{QemuConfig, QemuVmm};
 use capsules_client::{ConsoleEvent, ConsoleReceiver};
 use capsules_core::{Backend, Capsules, MemoryStore};
-use capsules_microvm::assets::{AssetBuilder, BaseImage, Progress};
+use capsules_microvm::assets::BaseImage;
 use capsules_microvm::backend::MicroVmBackend;
 use libtest_mimic::{Arguments, Failed, Trial};
 use nix::sched::{CloneFlags, unshare};
